@@ -1,0 +1,49 @@
+"""torchkeep: save, load, inspect, convert and resume PyTorch models, correctly and safely.
+
+>>> import torchkeep as tk
+>>> tk.save(model, "model.safetensors")
+>>> report = tk.load(model, "any-checkpoint.pt")
+"""
+
+from __future__ import annotations
+
+from torchkeep._info import CheckpointInfo as CheckpointInfo
+from torchkeep._report import LoadReport as LoadReport
+from torchkeep._report import ShapeMismatch as ShapeMismatch
+from torchkeep._tensors import TensorInfo as TensorInfo
+from torchkeep.api import inspect as inspect
+from torchkeep.api import load as load
+from torchkeep.api import load_state_dict as load_state_dict
+from torchkeep.api import save as save
+from torchkeep.errors import CheckpointNotFoundError as CheckpointNotFoundError
+from torchkeep.errors import ChecksumError as ChecksumError
+from torchkeep.errors import CorruptFileError as CorruptFileError
+from torchkeep.errors import DeviceError as DeviceError
+from torchkeep.errors import InvalidStateError as InvalidStateError
+from torchkeep.errors import KeyMismatchError as KeyMismatchError
+from torchkeep.errors import TorchkeepError as TorchkeepError
+from torchkeep.errors import UnknownFormatError as UnknownFormatError
+from torchkeep.errors import UnsafeFileError as UnsafeFileError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "ChecksumError",
+    "CorruptFileError",
+    "DeviceError",
+    "InvalidStateError",
+    "KeyMismatchError",
+    "LoadReport",
+    "ShapeMismatch",
+    "TensorInfo",
+    "TorchkeepError",
+    "UnknownFormatError",
+    "UnsafeFileError",
+    "__version__",
+    "inspect",
+    "load",
+    "load_state_dict",
+    "save",
+]

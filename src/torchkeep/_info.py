@@ -1,0 +1,56 @@
+"""What :func:`torchkeep.inspect` returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torchkeep._tensors import TensorInfo
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A file's contents, read without its tensor data where the format allows.
+
+    Attributes:
+        path: the file or folder.
+        format: the detected format.
+        size: bytes on disk (all files of a folder together).
+        entry: the tensor dict the tensors below come from (``""``: the file's root).
+        entries: every tensor dict in the file and how many tensors it holds.
+        tensors: the tensors of ``entry``.
+        metadata: string metadata stored with the tensors (safetensors ``__metadata__``).
+        extras: the file's other top-level values, as short text (``epoch``, ``loss``, ...).
+    """
+
+    path: str
+    format: str
+    size: int
+    entry: str
+    entries: dict[str, int]
+    tensors: tuple[TensorInfo, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+    extras: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_params(self) -> int:
+        """Elements over all tensors of ``entry``."""
+        total = 0
+        for info in self.tensors:
+            count = 1
+            for dim in info.shape:
+                count *= dim
+            total += count
+        return total
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data in ``entry``."""
+        return sum(info.nbytes for info in self.tensors)
+
+    @property
+    def dtypes(self) -> dict[str, int]:
+        """How many tensors of each dtype ``entry`` holds."""
+        counts: dict[str, int] = {}
+        for info in self.tensors:
+            counts[info.dtype] = counts.get(info.dtype, 0) + 1
+        return counts

@@ -1,0 +1,113 @@
+"""What a load did: the :class:`LoadReport` value and its printed table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_MAX_ROWS = 20
+
+
+@dataclass(frozen=True)
+class ShapeMismatch:
+    """A name found on both sides whose shapes differ.
+
+    Attributes:
+        name: the destination (model) name.
+        source_name: the name in the file.
+        source_shape: the shape in the file.
+        dest_shape: the shape the model expects.
+    """
+
+    name: str
+    source_name: str
+    source_shape: tuple[int, ...]
+    dest_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """The outcome of :func:`torchkeep.load`.
+
+    Attributes:
+        path: the file or folder read.
+        format: its detected format (``safetensors``, ``torch-zip``, ...).
+        entry: which tensor dict inside the file was used (``""`` for the file's root,
+            ``"state_dict"`` for a checkpoint dict's member, ...).
+        loaded: destination names that received a tensor.
+        missing: destination names the file has nothing for.
+        unexpected: names in the file the model has no place for.
+        mismatched: names on both sides whose shapes differ (never loaded).
+        renamed: (name in file, name in model) pairs that differ.
+        cast: (name, dtype in file, dtype in model) for tensors converted on load.
+        skipped: names left out on purpose by include/exclude.
+    """
+
+    path: str
+    format: str
+    entry: str
+    loaded: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mismatched: tuple[ShapeMismatch, ...] = ()
+    renamed: tuple[tuple[str, str], ...] = ()
+    cast: tuple[tuple[str, str, str], ...] = ()
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when every name matched on both sides with the same shape."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        """One line: counts of each outcome."""
+        parts = [f"{len(self.loaded)} loaded"]
+        for label, items in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("shape mismatches", self.mismatched),
+            ("renamed", self.renamed),
+            ("cast", self.cast),
+            ("skipped", self.skipped),
+        ):
+            if items:
+                parts.append(f"{len(items)} {label}")
+        where = f" (entry {self.entry!r})" if self.entry else ""
+        return f"{self.path} [{self.format}]{where}: " + ", ".join(parts)
+
+    def table(self, *, problems_only: bool = False) -> str:
+        """A readable multi-line table of every non-trivial outcome."""
+        rows: list[tuple[str, str, str]] = []
+        for name in self.missing:
+            rows.append(("missing", name, "in the model, not in the file"))
+        for name in self.unexpected:
+            rows.append(("unexpected", name, "in the file, not in the model"))
+        for m in self.mismatched:
+            rows.append(
+                ("shape", m.name, f"file {_shape(m.source_shape)} vs model {_shape(m.dest_shape)}")
+            )
+        if not problems_only:
+            for src, dst in self.renamed:
+                rows.append(("renamed", dst, f"from {src}"))
+            for name, src_dtype, dst_dtype in self.cast:
+                rows.append(("cast", name, f"{src_dtype} -> {dst_dtype}"))
+        lines = [self.summary()]
+        if not rows:
+            return lines[0]
+        width = max(len(r[1]) for r in rows[: _MAX_ROWS * 5])
+        width = min(width, 60)
+        by_kind: dict[str, list[tuple[str, str, str]]] = {}
+        for row in rows:
+            by_kind.setdefault(row[0], []).append(row)
+        for kind_rows in by_kind.values():
+            for kind, name, detail in kind_rows[:_MAX_ROWS]:
+                lines.append(f"  {kind:<10} {name:<{width}}  {detail}")
+            if len(kind_rows) > _MAX_ROWS:
+                lines.append(f"  {kind_rows[0][0]:<10} ... and {len(kind_rows) - _MAX_ROWS} more")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"

@@ -1,0 +1,82 @@
+"""The errors torchkeep raises.
+
+Every error derives from :class:`TorchkeepError` and from the nearest builtin exception, so
+``except FileNotFoundError`` keeps working for callers that do not know torchkeep. Messages
+name the file, the key or byte offset, and the fix.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+
+class TorchkeepError(Exception):
+    """Root of every error raised by torchkeep."""
+
+
+class CheckpointNotFoundError(TorchkeepError, FileNotFoundError):
+    """The path does not exist, or a folder holds nothing torchkeep can load."""
+
+
+class UnknownFormatError(TorchkeepError, ValueError):
+    """The bytes of a file match no format torchkeep reads."""
+
+
+class CorruptFileError(TorchkeepError, ValueError):
+    """A file of a known format is empty, truncated, or its contents contradict its header."""
+
+
+class ChecksumError(CorruptFileError):
+    """A tensor's bytes do not match the checksum recorded when it was saved."""
+
+
+class UnsafeFileError(TorchkeepError, pickle.UnpicklingError):
+    """A pickle references globals outside the allowlist; nothing in it was executed.
+
+    Attributes:
+        path: the file.
+        globals: the fully qualified names the pickle needs that are not allowed.
+    """
+
+    def __init__(self, message: str, *, path: str = "", globals: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.path = path
+        self.globals = globals
+
+
+class InvalidStateError(TorchkeepError, TypeError):
+    """The object given to save holds no tensors, or is not what the call expects."""
+
+
+class DeviceError(TorchkeepError, RuntimeError):
+    """A tensor cannot be placed on the requested device (for example CUDA is absent)."""
+
+
+class KeyMismatchError(TorchkeepError, KeyError):
+    """A strict load found missing, unexpected or shape-mismatched keys.
+
+    Attributes:
+        report: the :class:`~torchkeep.LoadReport` of the attempted load; nothing was loaded.
+    """
+
+    def __init__(self, message: str, report: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.report = report
+
+    def __str__(self) -> str:
+        # KeyError would repr() the message and turn the table into one quoted line.
+        return self.message
+
+
+__all__ = [
+    "CheckpointNotFoundError",
+    "ChecksumError",
+    "CorruptFileError",
+    "DeviceError",
+    "InvalidStateError",
+    "KeyMismatchError",
+    "TorchkeepError",
+    "UnknownFormatError",
+    "UnsafeFileError",
+]

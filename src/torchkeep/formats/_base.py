@@ -1,0 +1,128 @@
+"""The one protocol every on-disk format implements, and the readers it returns.
+
+A format sniffs its own bytes, opens a file as a :class:`Source` (validating the header before
+any tensor data is trusted), and writes a flat ``{name: tensor}`` mapping. A source exposes one
+or more *entries*: flat tensor dicts found in the file (the root of a state-dict file, or the
+``"state_dict"``/``"model"``/... members of a checkpoint dict).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from torchkeep._tensors import TensorInfo
+
+MapLocation = Callable[[Any, str], Any] | str | None
+
+
+@dataclass(frozen=True)
+class OpenOptions:
+    """How a file is opened.
+
+    Attributes:
+        map_location: where storages of pickled files are restored (torch.load semantics).
+        device: where tensors of other formats are placed (``"meta"``: shapes only, no data).
+        trust: unpickle without the allowlist (the caller vouches for the file).
+        allow_globals: extra ``module.name`` globals the allowlist accepts.
+        mmap: map torch zip storages from the file instead of reading them (for short-lived
+            tensors that are copied into a model right away).
+    """
+
+    map_location: MapLocation = "cpu"
+    device: str = "cpu"
+    trust: bool = False
+    allow_globals: tuple[str, ...] = ()
+    mmap: bool = False
+
+    @property
+    def meta(self) -> bool:
+        return self.device == "meta"
+
+
+class Source:
+    """An opened file: its entries, their tensors, and what else it holds.
+
+    Subclasses fill ``_entries`` with ``{entry: {name: TensorInfo}}`` and implement ``get``.
+    """
+
+    def __init__(self, path: str, format: str) -> None:
+        self.path = path
+        self.format = format
+        self.metadata: dict[str, str] = {}
+        self.extras: dict[str, Any] = {}
+        self._entries: dict[str, dict[str, TensorInfo]] = {}
+        self._aliases: dict[str, dict[str, str]] = {}
+
+    def entries(self) -> dict[str, dict[str, TensorInfo]]:
+        """Every flat tensor dict in the file, keyed by its path in the file (``""``: root)."""
+        return self._entries
+
+    def aliases(self, entry: str) -> dict[str, str]:
+        """Names in ``entry`` that share their data with another name there (tied weights)."""
+        return self._aliases.get(entry, {})
+
+    def get(self, entry: str, name: str) -> torch.Tensor:
+        """Read one tensor."""
+        raise NotImplementedError
+
+    def read_into(self, entry: str, name: str, dest: torch.Tensor) -> None:
+        """Copy one tensor into ``dest`` (same shape; dtype and device may differ)."""
+        with torch.no_grad():
+            dest.copy_(self.get(entry, name))
+
+    def verify(self, entry: str | None = None) -> None:
+        """Check stored checksums, raising :class:`~torchkeep.errors.ChecksumError`.
+
+        Formats without checksums check what they can (lengths, zip CRCs).
+        """
+
+    def close(self) -> None:
+        """Release files and mappings."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class WriteRequest:
+    """A flat state to write: tensors (contiguous, CPU), aliases and string metadata."""
+
+    tensors: Mapping[str, torch.Tensor]
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    max_shard_bytes: int | None = None
+    order: tuple[str, ...] = ()
+
+    def ordered_names(self) -> list[str]:
+        """Every name, aliases included, in the caller's original order."""
+        if self.order:
+            return list(self.order)
+        return [*self.tensors, *self.aliases]
+
+
+class Format(Protocol):
+    """One on-disk format."""
+
+    name: str
+    suffixes: tuple[str, ...]
+    is_folder: bool
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        """Whether ``path`` (its first bytes in ``head``; empty for folders) is this format."""
+        ...
+
+    def open(self, path: Path, options: OpenOptions) -> Source:
+        """Open and validate ``path``; tensor data is read lazily where the format allows."""
+        ...
+
+    def write(self, request: WriteRequest, path: Path) -> None:
+        """Write to ``path`` (a fresh temporary file or folder the caller commits)."""
+        ...

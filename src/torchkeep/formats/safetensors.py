@@ -1,0 +1,290 @@
+"""safetensors files: an 8-byte header length, a JSON header, then raw tensor bytes.
+
+Read and written here directly, so the header is validated with precise messages before any
+data is read, tensors are read straight into their destination, and torchkeep's extras live in
+the standard ``__metadata__`` (string to string) where other tools ignore them:
+
+- ``torchkeep.aliases``: JSON ``{alias: stored name}`` for tied weights stored once;
+- ``torchkeep.xxh3``: JSON ``{name: xxh3-64 hex}`` checked by ``verify``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+
+from torchkeep._tensors import (
+    DTYPE_FROM_NAME,
+    NAME_FROM_DTYPE,
+    TensorInfo,
+    byte_view,
+    dtype_name,
+    numel,
+    xxh3,
+)
+from torchkeep.errors import ChecksumError, CorruptFileError
+from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+
+ALIASES_KEY = "torchkeep.aliases"
+CHECKSUMS_KEY = "torchkeep.xxh3"
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class _Entry:
+    __slots__ = ("begin", "dtype", "end", "shape")
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int) -> None:
+        self.dtype = dtype
+        self.shape = shape
+        self.begin = begin
+        self.end = end
+
+
+def _corrupt(path: str, problem: str) -> CorruptFileError:
+    return CorruptFileError(f"{path!r} is not a valid safetensors file: {problem}")
+
+
+def parse_header(path: str, fd: int, size: int) -> tuple[int, dict[str, _Entry], dict[str, str]]:
+    """Read and validate the header; return (data start offset, entries, metadata)."""
+    if size < 8:
+        raise _corrupt(path, f"the file is {size} bytes, shorter than the 8-byte header length")
+    (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if length > size - 8:
+        raise _corrupt(
+            path,
+            f"the header length field says {length} bytes but only {size - 8} bytes follow it "
+            "(the file is truncated, or its first bytes are damaged)",
+        )
+    if length > _MAX_HEADER:
+        raise _corrupt(path, f"the header length field says {length} bytes, over the 100 MB limit")
+    raw = os.pread(fd, length, 8)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(
+            path, f"the header (bytes 8 to {8 + length}) is not valid JSON: {exc}"
+        ) from exc
+    if not isinstance(header, dict):
+        raise _corrupt(path, "the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _corrupt(path, "__metadata__ must map strings to strings")
+    entries = {name: _parse_entry(path, name, spec) for name, spec in header.items()}
+    data_start = 8 + length
+    _check_layout(path, entries, size - data_start)
+    return data_start, entries, metadata
+
+
+def _parse_entry(path: str, name: str, spec: Any) -> _Entry:
+    if not isinstance(spec, dict):
+        raise _corrupt(path, f"the header entry for tensor {name!r} is not an object")
+    code = spec.get("dtype")
+    if code not in DTYPE_FROM_NAME:
+        raise _corrupt(path, f"tensor {name!r} has unsupported dtype {code!r}")
+    shape = spec.get("shape")
+    offsets = spec.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    dtype = DTYPE_FROM_NAME[code]
+    expected = numel(tuple(shape)) * dtype.itemsize
+    if offsets[1] - offsets[0] != expected:
+        raise _corrupt(
+            path,
+            f"tensor {name!r} ({code}{shape}) needs {expected} bytes but its data_offsets "
+            f"{offsets} span {offsets[1] - offsets[0]}",
+        )
+    return _Entry(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _check_layout(path: str, entries: dict[str, _Entry], data_size: int) -> None:
+    position = 0
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if entry.begin != position:
+            problem = "overlaps the previous tensor" if entry.begin < position else "leaves a gap"
+            raise _corrupt(path, f"tensor {name!r} at data offset {entry.begin} {problem}")
+        position = entry.end
+    if position > data_size:
+        raise _corrupt(
+            path,
+            f"it is truncated: its header declares tensor data through byte {position} of the "
+            f"data section, but the file holds only {data_size} bytes of data",
+        )
+    if position < data_size:
+        raise _corrupt(
+            path, f"{data_size - position} bytes follow the last tensor's data (damaged header?)"
+        )
+
+
+class SafetensorsSource(Source):
+    """A safetensors file opened for lazy reads."""
+
+    def __init__(self, path: Path, options: OpenOptions) -> None:
+        super().__init__(str(path), "safetensors")
+        self._device = options.device
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(self._fd).st_size
+            self._data_start, self._tensors, self.metadata = parse_header(str(path), self._fd, size)
+            aliases = _json_field(str(path), self.metadata, ALIASES_KEY)
+            self._checksums = _json_field(str(path), self.metadata, CHECKSUMS_KEY)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        infos = {
+            name: TensorInfo(name, e.shape, dtype_name(e.dtype), e.end - e.begin)
+            for name, e in self._tensors.items()
+        }
+        for alias, target in aliases.items():
+            if target in infos and alias not in infos:
+                infos[alias] = TensorInfo(
+                    alias, infos[target].shape, infos[target].dtype, infos[target].nbytes
+                )
+        self._entries = {"": infos}
+        self._aliases = {"": {a: t for a, t in aliases.items() if t in self._tensors}}
+
+    def _stored(self, name: str) -> tuple[str, _Entry]:
+        stored = self._aliases[""].get(name, name)
+        return stored, self._tensors[stored]
+
+    def _read(self, stored: str, entry: _Entry, out: torch.Tensor) -> None:
+        view = byte_view(out)
+        done = os.preadv(self._fd, [view], self._data_start + entry.begin) if view.nbytes else 0
+        if done != view.nbytes:
+            raise _corrupt(self.path, f"tensor {stored!r}: read {done} of {view.nbytes} bytes")
+
+    def get(self, entry: str, name: str) -> torch.Tensor:
+        stored, spec = self._stored(name)
+        if self._device == "meta":
+            return torch.empty(spec.shape, dtype=spec.dtype, device="meta")
+        out = torch.empty(spec.shape, dtype=spec.dtype)
+        self._read(stored, spec, out)
+        return out if self._device == "cpu" else out.to(self._device)
+
+    def read_into(self, entry: str, name: str, dest: torch.Tensor) -> None:
+        stored, spec = self._stored(name)
+        direct = (
+            dest.device.type == "cpu"
+            and dest.dtype == spec.dtype
+            and dest.is_contiguous()
+            and tuple(dest.shape) == spec.shape
+        )
+        if direct:
+            # Straight into the parameter's memory: no temporary copy.
+            self._read(stored, spec, dest.data)
+        else:
+            super().read_into(entry, name, dest)
+
+    def verify(self, entry: str | None = None) -> None:
+        for name, expected in self._checksums.items():
+            if name not in self._tensors:
+                continue
+            spec = self._tensors[name]
+            tensor = torch.empty(spec.shape, dtype=spec.dtype)
+            self._read(name, spec, tensor)
+            actual = xxh3(tensor)
+            if actual != expected:
+                raise ChecksumError(
+                    f"tensor {name!r} in {self.path!r} is damaged: its bytes hash to {actual}, "
+                    f"but {expected} was recorded when it was saved (data bytes "
+                    f"{self._data_start + spec.begin} to {self._data_start + spec.end})"
+                )
+
+    @property
+    def has_checksums(self) -> bool:
+        return bool(self._checksums)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _json_field(path: str, metadata: dict[str, str], key: str) -> dict[str, str]:
+    if key not in metadata:
+        return {}
+    try:
+        value = json.loads(metadata[key])
+    except json.JSONDecodeError as exc:
+        raise _corrupt(path, f"metadata field {key!r} is not valid JSON") from exc
+    if not isinstance(value, dict):
+        raise _corrupt(path, f"metadata field {key!r} is not a JSON object")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def build_header(
+    request: WriteRequest, checksums: dict[str, str] | None
+) -> tuple[bytes, list[str]]:
+    """The padded header bytes and the order tensors are written in."""
+    # Largest element size first keeps every tensor aligned to its element size.
+    order = sorted(request.tensors, key=lambda n: (-request.tensors[n].element_size(), n))
+    header: dict[str, Any] = {}
+    metadata = {"format": "pt", **request.metadata}
+    if request.aliases:
+        metadata[ALIASES_KEY] = json.dumps(dict(request.aliases), sort_keys=True)
+    if checksums:
+        metadata[CHECKSUMS_KEY] = json.dumps(checksums, sort_keys=True)
+    header["__metadata__"] = metadata
+    offsets: dict[str, list[int]] = {}
+    position = 0
+    for name in order:
+        tensor = request.tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        offsets[name] = [position, position + size]
+        position += size
+    # Header entries keep the caller's order (readers list them so); data follows `order`.
+    for name in request.ordered_names():
+        if name in request.tensors:
+            tensor = request.tensors[name]
+            header[name] = {
+                "dtype": NAME_FROM_DTYPE[tensor.dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": offsets[name],
+            }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
+    return struct.pack("<Q", len(raw)) + raw, order
+
+
+class SafetensorsFormat:
+    name: str = "safetensors"
+    suffixes: tuple[str, ...] = (".safetensors",)
+    is_folder: bool = False
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        if len(head) < 9 or head[8:9] != b"{":
+            return False
+        (length,) = struct.unpack("<Q", head[:8])
+        return bool(2 <= length < (1 << 40))
+
+    def open(self, path: Path, options: OpenOptions) -> Source:
+        return SafetensorsSource(path, options)
+
+    def write(self, request: WriteRequest, path: Path) -> None:
+        checksums = {name: xxh3(t) for name, t in request.tensors.items()}
+        header, order = build_header(request, checksums)
+        with open(path, "wb") as f:
+            f.write(header)
+            for name in order:
+                view = byte_view(request.tensors[name])
+                if view.nbytes:
+                    f.write(view)
+
+
+def checksum_bytes(data: bytes) -> str:
+    """xxh3-64 of raw bytes, the same digest ``xxh3`` gives for a tensor holding them."""
+    return xxhash.xxh3_64_hexdigest(data)

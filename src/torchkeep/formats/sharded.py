@@ -1,0 +1,181 @@
+"""Sharded folders: several weight files plus a ``*.index.json`` weight map.
+
+The layout is the one Hugging Face uses (``model.safetensors.index.json`` or
+``pytorch_model.bin.index.json`` with ``{"metadata": {...}, "weight_map": {name: file}}``), so
+folders written here load there and the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchkeep._tensors import TensorInfo
+from torchkeep.errors import CheckpointNotFoundError, CorruptFileError
+from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.formats.safetensors import SafetensorsFormat
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_INDEX_PREFERENCE = (SAFETENSORS_INDEX, "pytorch_model.bin.index.json")
+
+
+def find_index(folder: Path) -> Path | None:
+    """The folder's weight-map index file, preferring safetensors over torch shards."""
+    for name in _INDEX_PREFERENCE:
+        if (folder / name).is_file():
+            return folder / name
+    candidates = sorted(folder.glob("*.index.json"))
+    candidates.sort(key=lambda p: ".safetensors." not in p.name)
+    return candidates[0] if candidates else None
+
+
+def parse_index(index: Path) -> dict[str, str]:
+    """Read and validate the weight map ``{tensor name: shard file name}``."""
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(f"index {str(index)!r} is not valid JSON: {exc}") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CorruptFileError(
+            f'index {str(index)!r} has no "weight_map" object mapping tensor names to files'
+        )
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard:
+            raise CorruptFileError(
+                f"index {str(index)!r} names shard {shard!r} outside its folder; refusing it"
+            )
+    return weight_map
+
+
+class ShardedSource(Source):
+    """A folder of shards behind one weight map; shards are opened on first use."""
+
+    def __init__(
+        self, index: Path, options: OpenOptions, opener: Callable[[Path, OpenOptions], Source]
+    ) -> None:
+        super().__init__(str(index.parent), "sharded")
+        self._index = index
+        self._weight_map = parse_index(index)
+        self._options = options
+        self._opener = opener
+        self._shards: dict[str, Source] = {}
+        missing = sorted(
+            s for s in set(self._weight_map.values()) if not (index.parent / s).is_file()
+        )
+        if missing:
+            raise CheckpointNotFoundError(
+                f"sharded checkpoint {self.path!r} is incomplete: its index {index.name} lists "
+                f"shard files that do not exist: {', '.join(missing)}"
+            )
+        infos: dict[str, TensorInfo] = {}
+        aliases: dict[str, str] = {}
+        for shard_name in sorted(set(self._weight_map.values())):
+            shard = self._shard(shard_name)
+            shard_entries = shard.entries()
+            tensors = shard_entries.get("", next(iter(shard_entries.values()), {}))
+            for name, file in self._weight_map.items():
+                if file != shard_name:
+                    continue
+                if name not in tensors:
+                    raise CorruptFileError(
+                        f"index {index.name} in {self.path!r} places tensor {name!r} in "
+                        f"{shard_name}, but that shard does not hold it"
+                    )
+                infos[name] = tensors[name]
+            aliases.update(shard.aliases(""))
+        self._entries = {"": {name: infos[name] for name in self._weight_map}}
+        self._aliases = {"": aliases}
+        try:
+            meta = json.loads(index.read_text()).get("metadata") or {}
+        except (OSError, json.JSONDecodeError):
+            meta = {}
+        self.metadata = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+    def _shard(self, file: str) -> Source:
+        if file not in self._shards:
+            self._shards[file] = self._opener(self._index.parent / file, self._options)
+        return self._shards[file]
+
+    def _entry_of(self, shard: Source) -> str:
+        entries = shard.entries()
+        return "" if "" in entries else next(iter(entries))
+
+    def get(self, entry: str, name: str) -> torch.Tensor:
+        shard = self._shard(self._weight_map[name])
+        return shard.get(self._entry_of(shard), name)
+
+    def read_into(self, entry: str, name: str, dest: torch.Tensor) -> None:
+        shard = self._shard(self._weight_map[name])
+        shard.read_into(self._entry_of(shard), name, dest)
+
+    def verify(self, entry: str | None = None) -> None:
+        for file in sorted(set(self._weight_map.values())):
+            self._shard(file).verify()
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+        self._shards.clear()
+
+
+class ShardedFormat:
+    """A folder holding ``*.index.json`` and its shards."""
+
+    name: str = "sharded"
+    suffixes: tuple[str, ...] = ()
+    is_folder: bool = True
+
+    def __init__(self, opener: Callable[[Path, OpenOptions], Source]) -> None:
+        self._opener = opener
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        return path.is_dir() and find_index(path) is not None
+
+    def open(self, path: Path, options: OpenOptions) -> Source:
+        index = find_index(path) if path.is_dir() else path
+        if index is None:
+            raise CheckpointNotFoundError(f"{str(path)!r} holds no *.index.json weight map")
+        return ShardedSource(index, options, self._opener)
+
+    def write(self, request: WriteRequest, path: Path) -> None:
+        limit = request.max_shard_bytes or (1 << 62)
+        groups: list[list[str]] = [[]]
+        size = 0
+        stored = [n for n in request.ordered_names() if n not in request.aliases]
+        for name in stored:
+            tensor = request.tensors[name]
+            nbytes = tensor.numel() * tensor.element_size()
+            if groups[-1] and size + nbytes > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += nbytes
+        count = len(groups)
+        weight_map: dict[str, str] = {}
+        writer = SafetensorsFormat()
+        for number, names in enumerate(groups, start=1):
+            file = f"model-{number:05d}-of-{count:05d}.safetensors"
+            local = set(names)
+            aliases = {a: t for a, t in request.aliases.items() if t in local}
+            writer.write(
+                WriteRequest(
+                    tensors={n: request.tensors[n] for n in names},
+                    aliases=aliases,
+                    metadata=request.metadata,
+                ),
+                path / file,
+            )
+            weight_map.update({n: file for n in [*names, *aliases]})
+        total = sum(t.numel() * t.element_size() for t in request.tensors.values())
+        index: dict[str, Any] = {
+            "metadata": {"total_size": total, **request.metadata},
+            "weight_map": {n: weight_map[n] for n in request.ordered_names()},
+        }
+        (path / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,205 @@
+"""Files written by ``torch.save`` (zip and legacy layouts) and plain pickles.
+
+All three are read through the allowlisting unpickler (``_unpickle``): the file is scanned
+first and refused, naming every offending global, before anything is unpickled.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchkeep._tensors import TensorInfo, dtype_name, find_aliases
+from torchkeep._unpickle import safe_pickle_load, safe_torch_load
+from torchkeep.errors import ChecksumError, CorruptFileError, UnknownFormatError
+from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+
+# pickle.dump(torch's legacy magic number, protocol=2), the first bytes of every legacy file.
+LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+_ZIP_MAGIC = b"PK\x03\x04"
+_MAX_DEPTH = 4
+
+
+def find_entries(obj: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """Every flat ``{str: tensor}`` dict inside a loaded object, keyed by its path.
+
+    The root of a plain state dict is ``""``; a checkpoint dict's weights are found under their
+    key (``"state_dict"``, ``"model"``, ``"ema.module"``, ...). A trusted whole-module pickle
+    contributes its ``state_dict()``.
+    """
+    found: dict[str, dict[str, torch.Tensor]] = {}
+
+    def walk(value: Any, path: str, depth: int) -> None:
+        if isinstance(value, torch.nn.Module):
+            found[path] = dict(value.state_dict())
+            return
+        if isinstance(value, Mapping):
+            tensors = {
+                k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, torch.Tensor)
+            }
+            if tensors:
+                found[path] = tensors
+            children = [(str(k), v) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            children = [(f"[{i}]", v) for i, v in enumerate(value)]
+        else:
+            return
+        if depth >= _MAX_DEPTH:
+            return
+        for key, child in children:
+            if isinstance(child, (Mapping, list, tuple, torch.nn.Module)):
+                child_path = f"{path}{key}" if key.startswith("[") or not path else f"{path}.{key}"
+                walk(child, child_path, depth + 1)
+
+    walk(obj, "", 0)
+    return found
+
+
+class PickleSource(Source):
+    """A file whose whole object was unpickled (tensors may be memory-mapped)."""
+
+    def __init__(self, path: Path, format: str, obj: Any) -> None:
+        super().__init__(str(path), format)
+        self.object = obj
+        self._tensors = find_entries(obj)
+        for entry, tensors in self._tensors.items():
+            self._entries[entry] = {
+                name: TensorInfo(
+                    name, tuple(t.shape), dtype_name(t.dtype), t.numel() * t.element_size()
+                )
+                for name, t in tensors.items()
+            }
+            self._aliases[entry] = find_aliases(tensors)
+        if isinstance(obj, Mapping):
+            self.extras = {str(k): v for k, v in obj.items() if not isinstance(v, torch.Tensor)}
+
+    def get(self, entry: str, name: str) -> torch.Tensor:
+        return self._tensors[entry][name]
+
+
+class TorchZipSource(PickleSource):
+    def verify(self, entry: str | None = None) -> None:
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise CorruptFileError(f"{self.path!r} is not a readable zip file: {exc}") from exc
+        if bad is not None:
+            raise ChecksumError(
+                f"record {bad!r} in {self.path!r} is damaged: its CRC-32 does not match the one "
+                "stored in the zip directory"
+            )
+
+
+def _map_location(options: OpenOptions) -> Any:
+    return "meta" if options.meta else options.map_location
+
+
+class TorchZipFormat:
+    """``torch.save``'s default zip layout (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ...)."""
+
+    name: str = "torch-zip"
+    suffixes: tuple[str, ...] = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
+    is_folder: bool = False
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        if not head.startswith(_ZIP_MAGIC):
+            return False
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return True  # a damaged zip: opening it explains what is wrong
+        if any(n.endswith("constants.pkl") for n in names):
+            raise UnknownFormatError(
+                f"{str(path)!r} is a TorchScript archive, not a weights file; load it with "
+                "torch.jit.load(path) (only if you trust it), or re-save its weights with "
+                "torchkeep.save(torch.jit.load(path).state_dict(), 'weights.safetensors')"
+            )
+        return any(n == "data.pkl" or n.endswith("/data.pkl") for n in names)
+
+    def open(self, path: Path, options: OpenOptions) -> Source:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+        except zipfile.BadZipFile as exc:
+            size = path.stat().st_size
+            raise CorruptFileError(
+                f"{str(path)!r} starts like a torch.save zip file but its zip directory, which "
+                f"ends the file, cannot be read ({exc}): the file ({size} bytes) is truncated "
+                "or damaged; save it again, or copy it again from its source"
+            ) from exc
+        obj = safe_torch_load(
+            str(path),
+            map_location=_map_location(options),
+            trust=options.trust,
+            allow_globals=options.allow_globals,
+            # Storages stay in the page cache instead of being copied into private memory.
+            mmap=options.mmap and not options.meta and options.map_location == "cpu",
+        )
+        return TorchZipSource(path, self.name, obj)
+
+    def write(self, request: WriteRequest, path: Path) -> None:
+        torch.save(_with_aliases(request), path)
+
+
+class TorchLegacyFormat:
+    """``torch.save(..., _use_new_zipfile_serialization=False)``: consecutive pickles."""
+
+    name: str = "torch-legacy"
+    suffixes: tuple[str, ...] = (".pt", ".pth", ".bin", ".pkl")
+    is_folder: bool = False
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        return head.startswith(LEGACY_MAGIC)
+
+    def open(self, path: Path, options: OpenOptions) -> Source:
+        map_location = "cpu" if options.meta else options.map_location
+        obj = safe_torch_load(
+            str(path),
+            map_location=map_location,
+            trust=options.trust,
+            allow_globals=options.allow_globals,
+        )
+        return PickleSource(path, self.name, obj)
+
+    def write(self, request: WriteRequest, path: Path) -> None:
+        torch.save(_with_aliases(request), path, _use_new_zipfile_serialization=False)
+
+
+class PlainPickleFormat:
+    """``pickle.dump`` of tensors or a dict of them (protocol 2 or newer)."""
+
+    name: str = "pickle"
+    suffixes: tuple[str, ...] = (".pkl", ".pickle")
+    is_folder: bool = False
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+    def open(self, path: Path, options: OpenOptions) -> Source:
+        obj = safe_pickle_load(
+            path.read_bytes(),
+            path=str(path),
+            trust=options.trust,
+            allow_globals=options.allow_globals,
+        )
+        return PickleSource(path, self.name, obj)
+
+    def write(self, request: WriteRequest, path: Path) -> None:
+        raise UnknownFormatError(
+            "torchkeep does not write plain pickles (tensors pickled that way can only be read "
+            "back by running code); use .safetensors or .pt"
+        )
+
+
+def _with_aliases(request: WriteRequest) -> dict[str, torch.Tensor]:
+    # The same tensor object under both names: torch.save stores its storage once and
+    # torch.load gives back two names sharing it, so tied weights stay tied.
+    return {
+        name: request.tensors[request.aliases.get(name, name)] for name in request.ordered_names()
+    }

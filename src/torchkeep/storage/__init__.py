@@ -1,0 +1,1 @@
+"""Where checkpoint bytes live. Only the local filesystem for now."""

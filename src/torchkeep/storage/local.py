@@ -1,0 +1,97 @@
+"""Local filesystem writes that are never seen half-done.
+
+Everything is written under a temporary name in the destination's own folder (so the final
+rename stays on one filesystem and is atomic), fsynced, renamed over the destination, and the
+folder is fsynced so the rename itself survives a power cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+TEMP_MARKER = ".tmp-torchkeep-"
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (new names, renames) to disk."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_sibling(path: Path) -> Path:
+    """A fresh hidden name beside ``path`` that marks the file as unfinished."""
+    return path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex[:12]}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], *, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path`` in one step.
+
+    Args:
+        path: the destination file. Its folder is created if needed.
+        durable: fsync the file and its folder, so the result survives a crash or power cut.
+
+    On any exception the temporary file is removed and ``path`` is left as it was.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = temp_sibling(final)
+    try:
+        yield temp
+        if durable:
+            fsync_file(temp)
+        os.replace(temp, final)
+        if durable:
+            fsync_dir(final.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], *, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success it takes the place of ``path``.
+
+    An existing folder at ``path`` is moved aside first and removed only after the new one is
+    in place, so a crash leaves either the old folder or the new one under a recoverable name.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = temp_sibling(final)
+    temp.mkdir()
+    try:
+        yield temp
+        if durable:
+            for child in temp.iterdir():
+                if child.is_file():
+                    fsync_file(child)
+            fsync_dir(temp)
+        old: Path | None = None
+        if final.exists():
+            old = temp_sibling(final)
+            os.replace(final, old)
+        os.replace(temp, final)
+        if durable:
+            fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise

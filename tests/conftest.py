@@ -1,0 +1,63 @@
+"""Shared fixtures: the golden files and the small models they were written from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class Net(nn.Module):
+    """The model the golden files were written from (tests/data/make_golden.py)."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+
+class Backbone(nn.Module):
+    """A model whose classifier is replaced in fine-tuning tests."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+        self.head = nn.Linear(16, classes)
+
+
+@pytest.fixture(scope="session")
+def manifest() -> dict[str, Any]:
+    return json.loads((GOLDEN / "MANIFEST.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict[str, torch.Tensor]:
+    """The values every net_* golden file holds."""
+    return torch.load(GOLDEN / "net_state_dict.pt", weights_only=True)
+
+
+def assert_same_state(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    state = model.state_dict()
+    assert list(state) == list(expected)
+    for name, value in expected.items():
+        assert torch.equal(state[name].cpu(), value.cpu()), name
