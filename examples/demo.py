@@ -2,14 +2,18 @@
 
 Trains the tutorials' small CNN on synthetic data, then saves and loads its weights the ways
 people need to: any format, through DataParallel and torch.compile prefixes, into a model with
-a new head, from a tutorial-style checkpoint dict, and refusing a booby-trapped pickle.
+a new head, from a tutorial-style checkpoint dict, refusing a booby-trapped pickle, out of a
+whole-model pickle whose class is gone, and exported for deployment.
 Everything it writes goes to ./demo-output.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -68,6 +72,29 @@ def train(model: nn.Module, steps: int) -> float:
         loss.backward()
         optimizer.step()
     return float(loss.detach())
+
+
+def pickle_with_vanished_class(model: nn.Module) -> Path:
+    """torch.save a model whose class lives in a module that is then deleted."""
+    project = OUT / "old_project"
+    project.mkdir()
+    (project / "old_models.py").write_text(
+        "from torch import nn\n\n"
+        "class OldCNN(nn.Module):\n"
+        "    def __init__(self, features, classifier):\n"
+        "        super().__init__()\n"
+        "        self.features = features\n"
+        "        self.classifier = classifier\n"
+    )
+    sys.path.insert(0, str(project))
+    try:
+        old = importlib.import_module("old_models").OldCNN(model.features, model.classifier)
+        torch.save(old, OUT / "old_whole_model.pt")
+    finally:
+        sys.path.remove(str(project))
+        sys.modules.pop("old_models", None)
+    shutil.rmtree(project)
+    return OUT / "old_whole_model.pt"
 
 
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
@@ -153,6 +180,38 @@ def main() -> None:
     except tk.UnsafeFileError as error:
         print("  " + str(error).replace("\n", "\n  "))
     print(f"  command ran: {marker.exists()}")
+
+    section("a whole-model pickle whose class no longer exists")
+    legacy = pickle_with_vanished_class(model)
+    info = tk.inspect(legacy)
+    print(f"  {legacy.name}: classes not imported: {', '.join(info.stubbed[:2])}, ...")
+    for module in info.modules[:6]:
+        label = module.name or "(root)"
+        print(f"    {'  ' * module.depth}{label:<14} {module.type:<40} {module.params:>7,}")
+    rebuilt = CNN()
+    report = tk.load(rebuilt, legacy)
+    print(f"  weights into a model built in code: {report.summary()}")
+    print(f"  identical to the original: {same_weights(rebuilt, model)}")
+
+    section("save_model / load_model: no pickle, no class code in the file")
+    tk.save_model(model, OUT / "cnn-model.safetensors", init={"classes": 10})
+    restored = tk.load_model(OUT / "cnn-model.safetensors")
+    print(
+        f"  rebuilt {type(restored).__name__}, eval mode: {not restored.training}, "
+        f"identical: {same_weights(restored, model)}"
+    )
+
+    section("export for deployment, each checked against the eager model")
+    example = synthetic_batches(1)[0][0][:4]
+    exports = ["cnn.pt2", "cnn.ts"]
+    if importlib.util.find_spec("onnxruntime") is not None:
+        exports.append("cnn.onnx")
+    for name in exports:
+        print(f"  {tk.export(restored, (example,), OUT / name)}")
+    deployed = tk.load_for_inference(OUT / "cnn.pt2")
+    with torch.no_grad():
+        predictions = deployed(example).argmax(1).tolist()
+    print(f"  load_for_inference(cnn.pt2) predicts {predictions}")
 
     section("bad files get clear errors")
     truncated = OUT / "truncated.safetensors"

@@ -201,7 +201,11 @@ def test_torchscript_archive_scans_every_pkl_member(tmp_path: Path) -> None:
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
     with zipfile.ZipFile(path) as archive:
         assert any(n.endswith("/constants.pkl") for n in archive.namelist())
-    assert GlobalRef("__torch__.torch.nn.modules.linear", "Linear") in scan_torch_file(path)
+    # TorchScript mangles the module path when the class was scripted before in the process.
+    assert any(
+        ref.module.startswith("__torch__.torch.nn.modules.linear") and ref.name == "Linear"
+        for ref in scan_torch_file(path)
+    )
 
 
 def test_legacy_format(tmp_path: Path) -> None:

@@ -7,9 +7,16 @@
 
 from __future__ import annotations
 
+from torchkeep._export import ExportResult as ExportResult
+from torchkeep._export import export as export
 from torchkeep._info import CheckpointInfo as CheckpointInfo
+from torchkeep._model import load_for_inference as load_for_inference
+from torchkeep._model import load_model as load_model
+from torchkeep._model import record_init as record_init
+from torchkeep._model import save_model as save_model
 from torchkeep._report import LoadReport as LoadReport
 from torchkeep._report import ShapeMismatch as ShapeMismatch
+from torchkeep._stubs import ModuleEntry as ModuleEntry
 from torchkeep._tensors import TensorInfo as TensorInfo
 from torchkeep.api import inspect as inspect
 from torchkeep.api import load as load
@@ -19,9 +26,12 @@ from torchkeep.errors import CheckpointNotFoundError as CheckpointNotFoundError
 from torchkeep.errors import ChecksumError as ChecksumError
 from torchkeep.errors import CorruptFileError as CorruptFileError
 from torchkeep.errors import DeviceError as DeviceError
+from torchkeep.errors import ExportError as ExportError
 from torchkeep.errors import InvalidStateError as InvalidStateError
 from torchkeep.errors import KeyMismatchError as KeyMismatchError
+from torchkeep.errors import ModelRebuildError as ModelRebuildError
 from torchkeep.errors import TorchkeepError as TorchkeepError
+from torchkeep.errors import TorchkeepWarning as TorchkeepWarning
 from torchkeep.errors import UnknownFormatError as UnknownFormatError
 from torchkeep.errors import UnsafeFileError as UnsafeFileError
 
@@ -33,17 +43,27 @@ __all__ = [
     "ChecksumError",
     "CorruptFileError",
     "DeviceError",
+    "ExportError",
+    "ExportResult",
     "InvalidStateError",
     "KeyMismatchError",
     "LoadReport",
+    "ModelRebuildError",
+    "ModuleEntry",
     "ShapeMismatch",
     "TensorInfo",
     "TorchkeepError",
+    "TorchkeepWarning",
     "UnknownFormatError",
     "UnsafeFileError",
     "__version__",
+    "export",
     "inspect",
     "load",
+    "load_for_inference",
+    "load_model",
     "load_state_dict",
+    "record_init",
     "save",
+    "save_model",
 ]

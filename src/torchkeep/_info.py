@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from torchkeep._stubs import ModuleEntry
 from torchkeep._tensors import TensorInfo
 
 
@@ -20,6 +21,9 @@ class CheckpointInfo:
         tensors: the tensors of ``entry``.
         metadata: string metadata stored with the tensors (safetensors ``__metadata__``).
         extras: the file's other top-level values, as short text (``epoch``, ``loss``, ...).
+        modules: for whole-model pickles, the module tree of ``entry`` with class names and
+            parameter counts, read without importing the classes.
+        stubbed: classes the file names that were not imported (inert stand-ins were used).
     """
 
     path: str
@@ -30,6 +34,8 @@ class CheckpointInfo:
     tensors: tuple[TensorInfo, ...]
     metadata: dict[str, str] = field(default_factory=dict)
     extras: dict[str, str] = field(default_factory=dict)
+    modules: tuple[ModuleEntry, ...] = ()
+    stubbed: tuple[str, ...] = ()
 
     @property
     def num_params(self) -> int:

@@ -12,19 +12,23 @@ import _compat_pickle
 import argparse
 import collections
 import copyreg
+import dataclasses
 import datetime
 import importlib
 import io
 import pathlib
 import pickle
 import types
+import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, BinaryIO, Literal
 
 import torch
 
 from torchkeep._pickle_scan import GlobalRef, PickleScanError, scan_pickle_bytes, scan_torch_file
+from torchkeep._stubs import contains_module, stub_class
 from torchkeep.errors import CorruptFileError, DeviceError, UnsafeFileError
 
 Verdict = Literal["safe", "unknown", "dangerous"]
@@ -259,28 +263,78 @@ def _resolve(qualname: str) -> Any:
     raise ImportError(f"cannot import {qualname!r}")
 
 
-def restricted_pickle_module(extra: Iterable[str] = ()) -> types.ModuleType:
+@dataclass(frozen=True)
+class Policy:
+    """Which globals an unpickler may resolve, beyond the allowlist.
+
+    Attributes:
+        extra: ``module.name`` globals the caller explicitly allowed (imported for real).
+        stubs: other non-dangerous globals become inert stubs (see ``_stubs``).
+        torch_nn: torch.nn's own module classes and functional ops are imported for real, so a
+            whole-model pickle of plain torch.nn layers rebuilds into working modules.
+    """
+
+    extra: frozenset[str] = frozenset()
+    stubs: bool = False
+    torch_nn: bool = False
+
+    def resolve(self, qualname: str) -> Any:
+        """The object ``qualname`` stands for, or raise :class:`UnsafeFileError`."""
+        allowed = allowed_globals()
+        if qualname in allowed:
+            return allowed[qualname]
+        if qualname in self.extra:
+            return _resolve(qualname)
+        if self.torch_nn and is_torch_nn_global(qualname):
+            return _resolve(qualname)
+        if self.stubs and classify(qualname) != "dangerous":
+            return stub_class(qualname)
+        raise UnsafeFileError(
+            f"the pickle references {qualname}, which is not on the allowlist; "
+            "nothing was executed",
+            globals=(qualname,),
+        )
+
+    def refused(self, refs: Iterable[GlobalRef]) -> list[str]:
+        """The referenced globals this policy would not import for real."""
+        out: dict[str, None] = {}
+        for ref in refs:
+            module, name = _modern_name(ref.module, ref.name)
+            qualname = f"{module}.{name}"
+            if qualname in allowed_globals() or qualname in self.extra:
+                continue
+            if self.torch_nn and is_torch_nn_global(qualname):
+                continue
+            out[qualname] = None
+        return list(out)
+
+
+def is_torch_nn_global(qualname: str) -> bool:
+    """True for torch.nn's own module classes and torch.nn.functional's functions."""
+    module = qualname.rpartition(".")[0]
+    if not module.startswith(("torch.nn.modules", "torch.nn.parallel", "torch.nn.functional")):
+        return False
+    try:
+        obj = _resolve(qualname)
+    except (ImportError, AttributeError):
+        return False
+    if isinstance(obj, type):
+        return issubclass(obj, torch.nn.Module)
+    return module == "torch.nn.functional" and callable(obj)
+
+
+def restricted_pickle_module(policy: Policy | None = None) -> types.ModuleType:
     """Build a module object with ``Unpickler`` and ``load`` that resolve only allowed globals.
 
     ``torch.load(pickle_module=...)`` takes it, so torch's own storage handling (zip records,
-    legacy layout, ``map_location``) is reused while every global goes through the allowlist.
+    legacy layout, ``map_location``) is reused while every global goes through the policy.
     """
-    extra_names = frozenset(extra)
+    chosen = policy or Policy()
 
     class RestrictedUnpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
             module, name = _modern_name(module, name)
-            qualname = f"{module}.{name}"
-            allowed = allowed_globals()
-            if qualname in allowed:
-                return allowed[qualname]
-            if qualname in extra_names:
-                return _resolve(qualname)
-            raise UnsafeFileError(
-                f"the pickle references {qualname}, which is not on the allowlist; "
-                "nothing was executed",
-                globals=(qualname,),
-            )
+            return chosen.resolve(f"{module}.{name}")
 
     def load(file: BinaryIO, **kwargs: Any) -> Any:
         return RestrictedUnpickler(file, **kwargs).load()
@@ -290,19 +344,6 @@ def restricted_pickle_module(extra: Iterable[str] = ()) -> types.ModuleType:
     module.load = load  # type: ignore[attr-defined]
     module.__version__ = "1"  # type: ignore[attr-defined]
     return module
-
-
-def check_globals(path: str, refs: Iterable[GlobalRef], extra: Iterable[str] = ()) -> None:
-    """Raise :class:`UnsafeFileError` naming every referenced global that is not allowed."""
-    extra_names = frozenset(extra)
-    refused: list[str] = []
-    for ref in refs:
-        module, name = _modern_name(ref.module, ref.name)
-        qualname = f"{module}.{name}"
-        if qualname not in allowed_globals() and qualname not in extra_names:
-            refused.append(qualname)
-    if refused:
-        raise UnsafeFileError(unsafe_message(path, refused), path=path, globals=tuple(refused))
 
 
 def unsafe_message(path: str, refused: list[str]) -> str:
@@ -327,6 +368,34 @@ def unsafe_message(path: str, refused: list[str]) -> str:
     return "\n".join(lines)
 
 
+def check_refs(label: str, path: str) -> None:
+    """Scan a torch or pickle file and refuse it if it needs anything off the allowlist."""
+    try:
+        refs = scan_torch_file(path)
+    except PickleScanError as exc:
+        raise CorruptFileError(_scan_failure(label, exc)) from exc
+    refused = Policy().refused(refs)
+    if refused:
+        raise UnsafeFileError(unsafe_message(label, refused), path=label, globals=tuple(refused))
+
+
+def _plan(
+    path: str, refs: list[GlobalRef], policy: Policy, stubs: bool
+) -> tuple[Policy, list[str]]:
+    """Refuse dangerous or (without stubs) unknown globals; else the policy to unpickle with."""
+    refused = policy.refused(refs)
+    if refused and (not stubs or any(classify(q) == "dangerous" for q in refused)):
+        raise UnsafeFileError(unsafe_message(path, refused), path=path, globals=tuple(refused))
+    return (dataclasses.replace(policy, stubs=True) if refused else policy), refused
+
+
+def _check_stubbed(path: str, obj: Any, refused: list[str]) -> None:
+    # Stubs are only accepted where they carry a model's tree; anything else that needed an
+    # unknown class is refused as if stubs were off (nothing ran either way).
+    if refused and not contains_module(obj):
+        raise UnsafeFileError(unsafe_message(path, refused), path=path, globals=tuple(refused))
+
+
 def safe_torch_load(
     path: str,
     *,
@@ -334,27 +403,42 @@ def safe_torch_load(
     trust: bool = False,
     allow_globals: Iterable[str] = (),
     mmap: bool = False,
+    stubs: bool = False,
+    torch_nn: bool = False,
 ) -> Any:
     """``torch.load`` a torch zip or legacy file through the allowlist (or fully, when trusted).
+
+    Args:
+        path: the file.
+        map_location: as for ``torch.load``.
+        trust: unpickle everything (the caller vouches for the file).
+        allow_globals: extra globals imported for real.
+        mmap: map zip storages instead of reading them.
+        stubs: let unknown, non-dangerous classes become inert stubs, accepted only where
+            they form a model's module tree (whole-model pickles).
+        torch_nn: import torch.nn's own module classes for real.
 
     Raises:
         UnsafeFileError: the pickle needs globals that are not allowed (nothing executed).
         CorruptFileError: the file cannot be parsed.
     """
-    extra = tuple(allow_globals)
+    policy = Policy(frozenset(allow_globals), torch_nn=torch_nn)
+    refused: list[str] = []
+    kwargs: dict[str, Any] = {"map_location": map_location, "weights_only": False}
     if not trust:
         try:
             refs = scan_torch_file(path)
         except PickleScanError as exc:
             raise CorruptFileError(_scan_failure(path, exc)) from exc
-        check_globals(path, refs, extra)
-    kwargs: dict[str, Any] = {"map_location": map_location, "weights_only": False}
-    if not trust:
-        kwargs["pickle_module"] = restricted_pickle_module(extra)
+        policy, refused = _plan(path, refs, policy, stubs)
+        kwargs["pickle_module"] = restricted_pickle_module(policy)
     if mmap:
         kwargs["mmap"] = True
     try:
-        return torch.load(path, **kwargs)
+        with warnings.catch_warnings():
+            # Legacy whole-model files compare stored class sources; stubs have none.
+            warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
+            obj = torch.load(path, **kwargs)
     except UnsafeFileError as exc:
         raise UnsafeFileError(
             unsafe_message(path, list(exc.globals)), path=path, globals=exc.globals
@@ -370,30 +454,36 @@ def safe_torch_load(
         AttributeError,
         OSError,
     ) as exc:
-        if isinstance(exc, FileNotFoundError):
+        if isinstance(exc, (FileNotFoundError, ImportError)) or _is_device_error(exc):
             raise
-        if _is_device_error(exc):
-            raise
+        if trust and isinstance(exc, AttributeError):
+            raise  # a trusted pickle naming a class its module no longer has
         raise CorruptFileError(
             f"cannot load {path!r}: the file is damaged or truncated ({exc})"
         ) from exc
+    _check_stubbed(path, obj, refused)
+    return obj
 
 
 def safe_pickle_load(
-    data: bytes, *, path: str, trust: bool = False, allow_globals: Iterable[str] = ()
+    data: bytes,
+    *,
+    path: str,
+    trust: bool = False,
+    allow_globals: Iterable[str] = (),
+    stubs: bool = False,
+    torch_nn: bool = False,
 ) -> Any:
     """Unpickle a plain pickle (``pickle.dump``) through the allowlist, or fully when trusted."""
-    allowed = tuple(allow_globals)
     if trust:
         return pickle.loads(data)  # the caller declared the file trusted
     try:
         refs = scan_pickle_bytes(data)
     except PickleScanError as exc:
         raise CorruptFileError(_scan_failure(path, exc)) from exc
-    check_globals(path, refs, allowed)
+    policy, refused = _plan(path, refs, Policy(frozenset(allow_globals), torch_nn=torch_nn), stubs)
     try:
-        unpickler = restricted_pickle_module(allowed).Unpickler(io.BytesIO(data))
-        return unpickler.load()
+        obj = restricted_pickle_module(policy).Unpickler(io.BytesIO(data)).load()
     except UnsafeFileError as exc:
         raise UnsafeFileError(
             unsafe_message(path, list(exc.globals)), path=path, globals=exc.globals
@@ -408,6 +498,8 @@ def safe_pickle_load(
         KeyError,
     ) as exc:
         raise CorruptFileError(f"cannot unpickle {path!r}: {exc}") from exc
+    _check_stubbed(path, obj, refused)
+    return obj
 
 
 def _scan_failure(path: str, exc: PickleScanError) -> str:

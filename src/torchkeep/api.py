@@ -515,6 +515,8 @@ def inspect(
             tensors=tensors,
             metadata=dict(source.metadata),
             extras={k: _short(v) for k, v in source.extras.items()},
+            modules=tuple(source.module_trees.get(chosen, ())),
+            stubbed=tuple(source.stubbed),
         )
 
 

@@ -52,6 +52,18 @@ class DeviceError(TorchkeepError, RuntimeError):
     """A tensor cannot be placed on the requested device (for example CUDA is absent)."""
 
 
+class ModelRebuildError(TorchkeepError, ImportError):
+    """A model cannot be rebuilt from a file: its class is missing, or it holds no model."""
+
+
+class ExportError(TorchkeepError, RuntimeError):
+    """A model could not be exported, or the optional exporter is not installed."""
+
+
+class TorchkeepWarning(UserWarning):
+    """A likely mistake that does not stop the operation (for example inference in train mode)."""
+
+
 class KeyMismatchError(TorchkeepError, KeyError):
     """A strict load found missing, unexpected or shape-mismatched keys.
 
@@ -75,7 +87,10 @@ __all__ = [
     "CorruptFileError",
     "DeviceError",
     "InvalidStateError",
+    "ExportError",
     "KeyMismatchError",
+    "ModelRebuildError",
+    "TorchkeepWarning",
     "TorchkeepError",
     "UnknownFormatError",
     "UnsafeFileError",

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from torchkeep._stubs import ModuleEntry
 from torchkeep._tensors import TensorInfo
 
 MapLocation = Callable[[Any, str], Any] | str | None
@@ -57,6 +58,9 @@ class Source:
         self.extras: dict[str, Any] = {}
         self._entries: dict[str, dict[str, TensorInfo]] = {}
         self._aliases: dict[str, dict[str, str]] = {}
+        # Whole-model pickles: each entry's module tree, and the classes stood in for by stubs.
+        self.module_trees: dict[str, list[ModuleEntry]] = {}
+        self.stubbed: list[str] = []
 
     def entries(self) -> dict[str, dict[str, TensorInfo]]:
         """Every flat tensor dict in the file, keyed by its path in the file (``""``: root)."""

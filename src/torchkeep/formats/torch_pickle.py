@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from torchkeep._stubs import find_stubs, is_module_like, module_state_dict, module_tree
 from torchkeep._tensors import TensorInfo, dtype_name, find_aliases
 from torchkeep._unpickle import safe_pickle_load, safe_torch_load
 from torchkeep.errors import ChecksumError, CorruptFileError, UnknownFormatError
@@ -28,14 +29,14 @@ def find_entries(obj: Any) -> dict[str, dict[str, torch.Tensor]]:
     """Every flat ``{str: tensor}`` dict inside a loaded object, keyed by its path.
 
     The root of a plain state dict is ``""``; a checkpoint dict's weights are found under their
-    key (``"state_dict"``, ``"model"``, ``"ema.module"``, ...). A trusted whole-module pickle
-    contributes its ``state_dict()``.
+    key (``"state_dict"``, ``"model"``, ``"ema.module"``, ...). A whole-model pickle (real
+    modules when trusted, inert stubs otherwise) contributes its ``state_dict()`` names.
     """
     found: dict[str, dict[str, torch.Tensor]] = {}
 
     def walk(value: Any, path: str, depth: int) -> None:
-        if isinstance(value, torch.nn.Module):
-            found[path] = dict(value.state_dict())
+        if is_module_like(value):
+            found[path] = module_state_dict(value)
             return
         if isinstance(value, Mapping):
             tensors = {
@@ -51,7 +52,7 @@ def find_entries(obj: Any) -> dict[str, dict[str, torch.Tensor]]:
         if depth >= _MAX_DEPTH:
             return
         for key, child in children:
-            if isinstance(child, (Mapping, list, tuple, torch.nn.Module)):
+            if isinstance(child, (Mapping, list, tuple)) or is_module_like(child):
                 child_path = f"{path}{key}" if key.startswith("[") or not path else f"{path}.{key}"
                 walk(child, child_path, depth + 1)
 
@@ -75,10 +76,26 @@ class PickleSource(Source):
             }
             self._aliases[entry] = find_aliases(tensors)
         if isinstance(obj, Mapping):
-            self.extras = {str(k): v for k, v in obj.items() if not isinstance(v, torch.Tensor)}
+            self.extras = {
+                str(k): v
+                for k, v in obj.items()
+                if not isinstance(v, torch.Tensor) and not is_module_like(v)
+            }
+        self.module_trees = {
+            entry: module_tree(value) for entry, value in _module_roots(obj).items()
+        }
+        self.stubbed = find_stubs(obj)
 
     def get(self, entry: str, name: str) -> torch.Tensor:
         return self._tensors[entry][name]
+
+
+def _module_roots(obj: Any) -> dict[str, Any]:
+    if is_module_like(obj):
+        return {"": obj}
+    if isinstance(obj, Mapping):
+        return {str(k): v for k, v in obj.items() if is_module_like(v)}
+    return {}
 
 
 class TorchZipSource(PickleSource):
@@ -138,6 +155,7 @@ class TorchZipFormat:
             map_location=_map_location(options),
             trust=options.trust,
             allow_globals=options.allow_globals,
+            stubs=True,
             # Storages stay in the page cache instead of being copied into private memory.
             mmap=options.mmap and not options.meta and options.map_location == "cpu",
         )
@@ -164,6 +182,7 @@ class TorchLegacyFormat:
             map_location=map_location,
             trust=options.trust,
             allow_globals=options.allow_globals,
+            stubs=True,
         )
         return PickleSource(path, self.name, obj)
 
@@ -187,6 +206,7 @@ class PlainPickleFormat:
             path=str(path),
             trust=options.trust,
             allow_globals=options.allow_globals,
+            stubs=True,
         )
         return PickleSource(path, self.name, obj)
 

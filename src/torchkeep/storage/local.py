@@ -36,7 +36,8 @@ def fsync_file(path: Path) -> None:
 
 def temp_sibling(path: Path) -> Path:
     """A fresh hidden name beside ``path`` that marks the file as unfinished."""
-    return path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex[:12]}")
+    # The suffix is kept so that writers which check it (torch.export.save) accept the name.
+    return path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex[:12]}{path.suffix}")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,455 @@
+"""Models without their pickles: save_model / load_model / load_for_inference.
+
+``save_model`` writes the weights as safetensors plus, in the metadata, the class's import path
+and its constructor arguments as JSON. ``load_model`` imports that class, checks it is an
+``nn.Module`` subclass before calling anything, builds it and loads the weights. It also
+rebuilds whole-model pickles made of torch.nn's own layers (safely), user classes only when the
+caller trusts the file, and TorchScript and torch.export archives.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect as _pyinspect
+import json
+import os
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from torchkeep._stubs import find_stubs, is_module_like
+from torchkeep._unpickle import check_refs, safe_torch_load
+from torchkeep.api import PathLike, load, save, unwrap
+from torchkeep.errors import (
+    CorruptFileError,
+    DeviceError,
+    InvalidStateError,
+    ModelRebuildError,
+    TorchkeepWarning,
+    UnsafeFileError,
+)
+from torchkeep.formats._base import OpenOptions
+from torchkeep.formats.registry import SAFETENSORS, SHARDED, TORCH_LEGACY, TORCH_ZIP, detect
+from torchkeep.formats.safetensors import SafetensorsSource
+from torchkeep.formats.sharded import find_index, parse_index
+
+MODEL_KEY = "torchkeep.model"
+_INIT_ATTR = "_torchkeep_init"
+_FORMAT_VERSION = 1
+
+ModuleType = TypeVar("ModuleType", bound=type[torch.nn.Module])
+
+
+# --------------------------------------------------------------------------- constructor args
+
+
+def record_init(cls: ModuleType) -> ModuleType:
+    """Class decorator: remember the arguments each instance was constructed with.
+
+    ``save_model`` then needs no ``init=``. Only JSON-friendly arguments can be saved
+    (numbers, strings, booleans, None, lists, tuples and dicts of those).
+
+    Example:
+        >>> @torchkeep.record_init
+        ... class Net(nn.Module):
+        ...     def __init__(self, width: int = 64) -> None: ...
+        >>> torchkeep.save_model(Net(width=128), "net.safetensors")
+    """
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise TypeError("@record_init decorates nn.Module subclasses")
+    original = cls.__init__
+    signature = _pyinspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        # A subclass's __init__ calling super().__init__ must not record the parent's call.
+        if type(self) is cls:
+            bound = signature.bind(self, *args, **kwargs)
+            arguments = dict(bound.arguments)
+            arguments.pop(next(iter(signature.parameters)))
+            object.__setattr__(self, _INIT_ATTR, arguments)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+def _encode(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        if "__tuple__" in value:
+            raise InvalidStateError(f"init argument {where} uses the reserved key '__tuple__'")
+        return {k: _encode(v, f"{where}.{k}") for k, v in value.items()}
+    raise InvalidStateError(
+        f"init argument {where} is a {type(value).__name__}, which cannot be stored as JSON; "
+        "pass plain values (numbers, strings, lists, dicts) to the constructor, or build "
+        "that object inside __init__ from plain values"
+    )
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_decode(v) for v in value["__tuple__"])
+        return {k: _decode(v) for k, v in value.items()}
+    return value
+
+
+def _init_of(model: torch.nn.Module, init: Mapping[str, Any] | None) -> dict[str, Any]:
+    if init is not None:
+        return dict(init)
+    recorded = getattr(model, _INIT_ATTR, None)
+    if isinstance(recorded, dict):
+        return recorded
+    parameters = list(_pyinspect.signature(type(model).__init__).parameters.values())[1:]
+    required = [
+        p.name
+        for p in parameters
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if required:
+        raise InvalidStateError(
+            f"{type(model).__qualname__}.__init__ needs {', '.join(required)}; pass them with "
+            f"save_model(model, path, init={{...}}), or decorate the class with "
+            "@torchkeep.record_init so they are recorded when the model is built"
+        )
+    return {}
+
+
+# ------------------------------------------------------------------------------- save_model
+
+
+def save_model(
+    model: torch.nn.Module,
+    path: PathLike,
+    *,
+    init: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    max_shard_size: int | str | None = None,
+) -> Path:
+    """Save weights plus what rebuilds the model: its class's import path and init arguments.
+
+    No pickle: the file is safetensors (or a sharded safetensors folder) whose metadata holds
+    ``torchkeep.model`` = ``{"class": "package.module:Class", "init": {...}}``.
+
+    Args:
+        model: the module (wrappers are removed).
+        path: a ``.safetensors`` file, or a folder when ``max_shard_size`` is given.
+        init: keyword arguments for the class's constructor. Optional when the class is
+            decorated with :func:`record_init` or its constructor needs no arguments.
+        metadata: extra strings stored alongside.
+        max_shard_size: shard the weights into a folder.
+
+    Raises:
+        InvalidStateError: the class cannot be imported by name (defined inside a function),
+            or the init arguments are not JSON-friendly or missing.
+    """
+    module = unwrap(model)
+    cls = type(module)
+    if "<locals>" in cls.__qualname__:
+        raise InvalidStateError(
+            f"{cls.__qualname__} is defined inside a function, so it cannot be imported by "
+            "name when loading; move it to module level"
+        )
+    target = Path(path)
+    if max_shard_size is None and target.suffix != ".safetensors":
+        raise ValueError(f"save_model writes .safetensors files; got {str(target)!r}")
+    record = {
+        "class": f"{cls.__module__}:{cls.__qualname__}",
+        "init": _encode(_init_of(module, init), "init"),
+        "version": _FORMAT_VERSION,
+        "torch": torch.__version__,
+    }
+    text = {**(metadata or {}), MODEL_KEY: json.dumps(record, sort_keys=True)}
+    return save(module, target, metadata=text, max_shard_size=max_shard_size)
+
+
+# ------------------------------------------------------------------------------- load_model
+
+
+def _import_class(spec: str) -> type[torch.nn.Module]:
+    module_name, _, qualname = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        hint = (
+            " It was defined in a script (__main__): move it to an importable module, or pass "
+            "cls=YourClass to load_model."
+            if module_name == "__main__"
+            else " If it moved, pass cls=TheClass to load_model, or install the package "
+            "that defines it."
+        )
+        raise ModelRebuildError(f"cannot import the model class {spec!r}: {exc}.{hint}") from exc
+    if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
+        raise ModelRebuildError(
+            f"{spec!r} names a {type(obj).__name__}, not an nn.Module subclass; refusing to call it"
+        )
+    return obj
+
+
+def _model_record(path: Path) -> dict[str, Any] | None:
+    """The ``torchkeep.model`` record of a safetensors file or sharded folder, if any."""
+    if path.is_dir():
+        index = find_index(path)
+        if index is None:
+            return None
+        first = sorted(set(parse_index(index).values()))[0]
+        path = path / first
+    with SafetensorsSource(path, OpenOptions()) as source:
+        raw = source.metadata.get(MODEL_KEY)
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CorruptFileError(f"{str(path)!r}: metadata {MODEL_KEY} is not JSON") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("class"), str):
+        raise CorruptFileError(f"{str(path)!r}: metadata {MODEL_KEY} names no class")
+    return record
+
+
+def _archive_kind(path: Path) -> str | None:
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    if any(n.endswith("constants.pkl") for n in names):
+        return "torchscript"
+    if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
+        return "export"
+    return None
+
+
+def _export_pickles(archive: zipfile.ZipFile) -> list[str]:
+    """Members of a torch.export archive that torch would unpickle on load."""
+    names = archive.namelist()
+    found = [n for n in names if "/sample_inputs/" in n or n.startswith("sample_inputs/")]
+    for config_name in (n for n in names if n.endswith("_config.json")):
+        folder = config_name.rpartition("/")[0]
+        try:
+            config = json.loads(archive.read(config_name)).get("config", {})
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise CorruptFileError(f"{config_name} in the archive is not valid JSON") from exc
+        for meta in config.values():
+            path_name = meta.get("path_name", "") if isinstance(meta, dict) else ""
+            if meta.get("use_pickle") or path_name.startswith("custom_obj"):
+                found.append(f"{folder}/{path_name}")
+    return found
+
+
+def _check_export_archive(path: Path) -> None:
+    """torch.export archives may hold pickled tensors; scan them like any other pickle."""
+    with zipfile.ZipFile(path) as archive:
+        for name in _export_pickles(archive):
+            with tempfile.NamedTemporaryFile(suffix=".pt") as copy:
+                copy.write(archive.read(name))
+                copy.flush()
+                check_refs(f"{path}:{name}", copy.name)
+
+
+def _load_archive(path: Path, kind: str, device: str, trust: bool) -> torch.nn.Module:
+    if kind == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            scripted: torch.nn.Module = torch.jit.load(  # type: ignore[no-untyped-call]
+                str(path), map_location=device
+            )
+        return scripted.eval()
+    if not trust:
+        _check_export_archive(path)
+    module = torch.export.load(str(path)).module()
+    return module.to(device) if device != "cpu" else module
+
+
+def _pickled_model(path: Path, trust: bool, allow_globals: Iterable[str]) -> torch.nn.Module:
+    try:
+        obj = safe_torch_load(
+            str(path),
+            map_location="cpu",
+            trust=trust,
+            allow_globals=allow_globals,
+            stubs=True,
+            torch_nn=True,
+        )
+    except (ImportError, AttributeError) as exc:
+        # Only reachable when trusted: the pickle named a class that no longer exists.
+        raise ModelRebuildError(
+            f"{str(path)!r} names a class that cannot be imported here ({exc}). Take the "
+            "weights with torchkeep.load_state_dict(path), which needs no classes, and build "
+            "the model in code."
+        ) from exc
+    candidates: list[Any]
+    if is_module_like(obj):
+        candidates = [obj]
+    elif isinstance(obj, Mapping):
+        ordered = sorted(obj, key=lambda k: k not in ("model", "module", "net"))
+        candidates = [obj[k] for k in ordered if is_module_like(obj[k])]
+    else:
+        candidates = []
+    if not candidates:
+        raise ModelRebuildError(
+            f"{str(path)!r} holds weights but no model; build the model yourself and call "
+            "torchkeep.load(model, path), or pass cls=YourModel to load_model"
+        )
+    chosen = candidates[0]
+    missing = find_stubs(chosen)
+    if missing:
+        raise UnsafeFileError(
+            f"{str(path)!r} is a pickled model whose classes are not torch.nn's own: "
+            f"{', '.join(missing)}. Nothing was imported or executed. If you trust the file "
+            "and these classes are importable, pass trust=True (or allow_globals=[...] with "
+            "those names); otherwise take the weights with torchkeep.load_state_dict(path) "
+            "and build the model in code.",
+            path=str(path),
+            globals=tuple(missing),
+        )
+    if not isinstance(chosen, torch.nn.Module):
+        raise ModelRebuildError(f"{str(path)!r}: the model object is not an nn.Module")
+    return chosen
+
+
+def load_model(
+    path: PathLike,
+    *,
+    cls: type[torch.nn.Module] | None = None,
+    device: str | torch.device | None = None,
+    trust: bool = False,
+    allow_globals: Iterable[str] = (),
+    train: bool = False,
+) -> torch.nn.Module:
+    """Rebuild a working model from a file, without its pickle where possible.
+
+    Accepts files from :func:`save_model` (class imported by name, checked to be an
+    ``nn.Module`` subclass before it is called), whole-model pickles from ``torch.save(model)``
+    (rebuilt safely when every class is torch.nn's own; user classes only with
+    ``trust=True``), TorchScript archives and torch.export ``.pt2`` archives, and plain weight
+    files when ``cls`` says what to build.
+
+    Args:
+        path: the file or folder.
+        cls: the model class to build (overrides the recorded one; needed for plain weights).
+        device: where the model goes (default CPU).
+        trust: allow the file's pickle to import and run the classes it names.
+        allow_globals: extra ``"module.name"`` globals the allowlist accepts.
+        train: leave the model in training mode (default: ``eval()``).
+
+    Returns:
+        The model, in eval mode unless ``train=True``.
+
+    Raises:
+        ModelRebuildError: the class cannot be imported, is not a module, or the file holds
+            no model; UnsafeFileError: the pickle needs classes outside torch.nn.
+    """
+    where = Path(os.fspath(path))
+    target = str(device) if device is not None else "cpu"
+    if torch.device(target).type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"cannot load {str(where)!r} onto {target}: CUDA is not available")
+    kind = _archive_kind(where)
+    if kind is not None:
+        return _load_archive(where, kind, target, trust)
+    resolved, fmt = detect(where)
+    model: torch.nn.Module
+    if fmt in (SAFETENSORS, SHARDED):
+        record = _model_record(resolved)
+        if cls is None and record is None:
+            raise ModelRebuildError(
+                f"{str(where)!r} holds weights only (it was not written by save_model); pass "
+                "cls=YourModel, or build the model and call torchkeep.load(model, path)"
+            )
+        build = cls or _import_class(record["class"] if record else "")
+        init = _decode(record.get("init", {})) if record else {}
+        model = build(**init)
+        load(model, where)
+    elif cls is not None:
+        model = cls()
+        load(model, where, trust=trust, allow_globals=allow_globals)
+    elif fmt in (TORCH_ZIP, TORCH_LEGACY):
+        model = _pickled_model(resolved, trust, allow_globals)
+    else:
+        raise ModelRebuildError(f"{str(where)!r} ({fmt.name}) holds no model to rebuild")
+    model.to(target)
+    return model.train(train)
+
+
+# ------------------------------------------------------------------------ load_for_inference
+
+
+def training_layers(model: torch.nn.Module) -> list[str]:
+    """Names of dropout and batch-norm layers that are in training mode."""
+    kinds = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm)
+    return [
+        name or type(module).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, kinds) and module.training
+    ]
+
+
+def warn_if_training(model: torch.nn.Module, doing: str) -> None:
+    """The tutorials' classic: inference with dropout and batch norm still in training mode."""
+    layers = training_layers(model)
+    if layers:
+        shown = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
+        warnings.warn(
+            f"{doing} a model in training mode: {shown} behave differently in training "
+            "(random dropout, batch statistics). Call model.eval() first, or use "
+            "torchkeep.load_for_inference(model).",
+            TorchkeepWarning,
+            stacklevel=3,
+        )
+
+
+def load_for_inference(
+    model_or_path: torch.nn.Module | PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    cls: type[torch.nn.Module] | None = None,
+    trust: bool = False,
+) -> torch.nn.Module:
+    """A model ready for inference: loaded, moved, ``eval()``, gradients off.
+
+    Args:
+        model_or_path: a module, or anything :func:`load_model` accepts.
+        device: where to run (``"cuda"``, ``"cpu"``, ...).
+        dtype: cast floating-point weights (for example ``torch.float16``).
+        cls: passed to :func:`load_model` for plain weight files.
+        trust: passed to :func:`load_model`.
+
+    Returns:
+        The module, with every parameter's ``requires_grad`` False.
+    """
+    if isinstance(model_or_path, torch.nn.Module):
+        model = model_or_path
+    else:
+        model = load_model(model_or_path, cls=cls, trust=trust)
+    if device is not None:
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise DeviceError(f"cannot run on {device}: CUDA is not available here")
+        model = model.to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass  # torch.export modules fix their mode at export time
+    except RuntimeError as exc:
+        if "not supported" not in str(exc):
+            raise
+    for parameter in model.parameters():  # ScriptModules refuse module.requires_grad_()
+        parameter.requires_grad_(False)
+    return model

@@ -1,0 +1,179 @@
+"""Inert stand-ins for classes a pickle names but that are never imported.
+
+A whole-model pickle (``torch.save(model)``) names the model's classes. Importing them would
+run their modules' code, and they may not even exist any more. Instead each unknown class
+becomes a stub class: unpickling creates stub instances and fills their ``__dict__`` with the
+pickled state, and nothing of the original class runs. A stub whose state holds
+``_parameters``, ``_buffers`` and ``_modules`` is the module tree, and its tensors are read
+from there under the names ``model.state_dict()`` would give.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+STUB_MODULE = "torchkeep.stubs"
+
+
+class StubObject:
+    """An instance of a class that was not imported; it only holds the pickled state."""
+
+    stub_qualname: ClassVar[str] = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> StubObject:
+        obj = object.__new__(cls)
+        obj.__dict__["_stub_args"] = args
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        # Objects with __slots__ pickle (dict state, slot state); plain ones a dict.
+        if (
+            isinstance(state, tuple)
+            and len(state) == 2
+            and all(part is None or isinstance(part, dict) for part in state)
+        ):
+            for part in state:
+                self.__dict__.update(part or {})
+        elif isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["_stub_state"] = state
+
+    # Pickles of list and dict subclasses append items after creating the object.
+    def append(self, item: Any) -> None:
+        self.__dict__.setdefault("_stub_items", []).append(item)
+
+    def extend(self, items: Any) -> None:
+        self.__dict__.setdefault("_stub_items", []).extend(items)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.__dict__.setdefault("_stub_mapping", {})[key] = value
+
+    def __repr__(self) -> str:
+        return f"<stub of {self.stub_qualname}>"
+
+
+_STUB_CLASSES: dict[str, type[StubObject]] = {}
+
+
+def stub_class(qualname: str) -> type[StubObject]:
+    """The (cached) stub class standing in for ``qualname``."""
+    if qualname not in _STUB_CLASSES:
+        name = qualname.rpartition(".")[2] or qualname
+        _STUB_CLASSES[qualname] = type(
+            name, (StubObject,), {"__module__": STUB_MODULE, "stub_qualname": qualname}
+        )
+    return _STUB_CLASSES[qualname]
+
+
+def class_name(obj: Any) -> str:
+    """The fully qualified class name of a real object or of the class a stub stands for."""
+    if isinstance(obj, StubObject):
+        return obj.stub_qualname
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def is_module_like(obj: Any) -> bool:
+    """True for real modules and for stubs holding a module's state."""
+    if isinstance(obj, torch.nn.Module):
+        return True
+    if not isinstance(obj, StubObject):
+        return False
+    state = obj.__dict__
+    return all(isinstance(state.get(k), dict) for k in ("_parameters", "_buffers", "_modules"))
+
+
+def module_state_dict(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The flat tensors of a (stub or real) module tree, named as ``state_dict()`` names them.
+
+    Parameters and persistent buffers are included, ``None`` entries and non-persistent
+    buffers are not, in the order modules register them.
+    """
+    if isinstance(obj, torch.nn.Module):
+        return {prefix + k: v for k, v in obj.state_dict().items()}
+    state = obj.__dict__
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state["_parameters"].items():
+        if isinstance(value, torch.Tensor):
+            out[prefix + name] = value
+    skip = state.get("_non_persistent_buffers_set") or set()
+    for name, value in state["_buffers"].items():
+        if isinstance(value, torch.Tensor) and name not in skip:
+            out[prefix + name] = value
+    for name, child in state["_modules"].items():
+        if child is not None and is_module_like(child):
+            out.update(module_state_dict(child, f"{prefix}{name}."))
+    return out
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    """One module of a model's tree, as found in a file.
+
+    Attributes:
+        name: its dotted path (``""`` for the root).
+        type: its class's fully qualified name (recorded in the file; the class may not exist).
+        params: elements in its parameters and persistent buffers, children included.
+        depth: nesting level (0 for the root).
+    """
+
+    name: str
+    type: str
+    params: int
+    depth: int
+
+
+def module_tree(obj: Any, name: str = "", depth: int = 0) -> list[ModuleEntry]:
+    """Every module under ``obj`` in registration order, with parameter counts."""
+    total = sum(t.numel() for t in module_state_dict(obj).values())
+    entries = [ModuleEntry(name, class_name(obj), total, depth)]
+    children = (
+        dict(obj.named_children()) if isinstance(obj, torch.nn.Module) else obj.__dict__["_modules"]
+    )
+    for child_name, child in children.items():
+        if child is not None and is_module_like(child):
+            path = f"{name}.{child_name}" if name else child_name
+            entries.extend(module_tree(child, path, depth + 1))
+    return entries
+
+
+def find_stubs(obj: Any, limit: int = 10_000) -> list[str]:
+    """Qualified names of the stub classes used anywhere in ``obj`` (bounded walk)."""
+    seen: set[int] = set()
+    found: dict[str, None] = {}
+    stack = [obj]
+    while stack and len(seen) < limit:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, StubObject):
+            found[item.stub_qualname] = None
+            stack.extend(item.__dict__.values())
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif isinstance(item, type) and issubclass(item, StubObject):
+            found[item.stub_qualname] = None
+    return list(found)
+
+
+def contains_module(obj: Any, depth: int = 3) -> bool:
+    """Whether ``obj`` is, or holds within ``depth`` container levels, a module tree."""
+    if is_module_like(obj):
+        return True
+    if depth == 0:
+        return False
+    if isinstance(obj, dict):
+        return any(contains_module(v, depth - 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(contains_module(v, depth - 1) for v in obj)
+    return False
