@@ -22,7 +22,10 @@ from torchkeep.api import inspect as inspect
 from torchkeep.api import load as load
 from torchkeep.api import load_state_dict as load_state_dict
 from torchkeep.api import save as save
+from torchkeep.checkpoint import load_checkpoint as load_checkpoint
+from torchkeep.checkpoint import save_checkpoint as save_checkpoint
 from torchkeep.errors import CheckpointNotFoundError as CheckpointNotFoundError
+from torchkeep.errors import CheckpointWriteError as CheckpointWriteError
 from torchkeep.errors import ChecksumError as ChecksumError
 from torchkeep.errors import CorruptFileError as CorruptFileError
 from torchkeep.errors import DeviceError as DeviceError
@@ -34,10 +37,25 @@ from torchkeep.errors import TorchkeepError as TorchkeepError
 from torchkeep.errors import TorchkeepWarning as TorchkeepWarning
 from torchkeep.errors import UnknownFormatError as UnknownFormatError
 from torchkeep.errors import UnsafeFileError as UnsafeFileError
+from torchkeep.errors import UnsupportedValueError as UnsupportedValueError
+from torchkeep.manager import CheckpointManager as CheckpointManager
+from torchkeep.retention import AnyOf as AnyOf
+from torchkeep.retention import KeepBest as KeepBest
+from torchkeep.retention import KeepEvery as KeepEvery
+from torchkeep.retention import KeepLast as KeepLast
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnyOf",
+    "CheckpointManager",
+    "CheckpointWriteError",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
+    "UnsupportedValueError",
+    "load_checkpoint",
+    "save_checkpoint",
     "CheckpointInfo",
     "CheckpointNotFoundError",
     "ChecksumError",

@@ -64,6 +64,22 @@ class TorchkeepWarning(UserWarning):
     """A likely mistake that does not stop the operation (for example inference in train mode)."""
 
 
+class UnsupportedValueError(TorchkeepError, TypeError):
+    """A value in a training state cannot be stored without pickle.
+
+    Attributes:
+        path: where the value sits in the state (``extra.callback``).
+    """
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CheckpointWriteError(TorchkeepError, OSError):
+    """Writing a checkpoint failed (disk full, I/O error); nothing was committed."""
+
+
 class KeyMismatchError(TorchkeepError, KeyError):
     """A strict load found missing, unexpected or shape-mismatched keys.
 
@@ -83,6 +99,7 @@ class KeyMismatchError(TorchkeepError, KeyError):
 
 __all__ = [
     "CheckpointNotFoundError",
+    "CheckpointWriteError",
     "ChecksumError",
     "CorruptFileError",
     "DeviceError",
@@ -94,4 +111,5 @@ __all__ = [
     "TorchkeepError",
     "UnknownFormatError",
     "UnsafeFileError",
+    "UnsupportedValueError",
 ]

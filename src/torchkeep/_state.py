@@ -1,0 +1,295 @@
+"""Training state: what to save for each kind of object, how to put it back, and RNG states.
+
+A checkpoint entry is one keyword of ``save_checkpoint``. Its *kind* decides what is stored:
+
+- ``module``: the unwrapped module's state dict under canonical names (no ``module.`` or
+  ``_orig_mod.``), plus torch's per-submodule version metadata;
+- ``optimizer``, ``scheduler``, ``stateful``: ``state_dict()`` (GradScaler, user classes, ...);
+- ``generator``: a ``torch.Generator``'s ``get_state()``;
+- ``numpy_generator``: a ``numpy.random.Generator``'s bit generator state;
+- ``value``: anything else, stored as it is (see :mod:`torchkeep._tree`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchkeep._keys import plan_keys, strip_compile_segments
+from torchkeep.api import unwrap
+from torchkeep.errors import InvalidStateError, KeyMismatchError
+
+
+def _is_stateful(value: object) -> bool:
+    return (
+        not isinstance(value, type)
+        and callable(getattr(value, "state_dict", None))
+        and callable(getattr(value, "load_state_dict", None))
+    )
+
+
+def kind_of(value: object) -> str:
+    """The kind of checkpoint entry ``value`` makes (see the module docstring)."""
+    if isinstance(value, torch.nn.Module):
+        return "module"
+    if isinstance(value, torch.optim.Optimizer):
+        return "optimizer"
+    schedulers = torch.optim.lr_scheduler
+    if isinstance(value, schedulers.LRScheduler | schedulers.ReduceLROnPlateau):
+        return "scheduler"
+    if isinstance(value, torch.Generator):
+        return "generator"
+    if isinstance(value, np.random.Generator):
+        return "numpy_generator"
+    if _is_stateful(value):
+        return "stateful"
+    return "value"
+
+
+def type_name(value: object) -> str:
+    """``torch.optim.adam.Adam``: recorded for people reading the manifest."""
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _canonical_prefix(prefix: str) -> str:
+    return strip_compile_segments(prefix + ".").removesuffix(".") if prefix else prefix
+
+
+def capture(value: object) -> tuple[str, Any, dict[str, Any] | None]:
+    """``(kind, state to store, module version metadata or None)`` for one entry."""
+    kind = kind_of(value)
+    if kind == "module":
+        assert isinstance(value, torch.nn.Module)
+        raw = unwrap(value).state_dict()
+        state = {strip_compile_segments(name): tensor for name, tensor in raw.items()}
+        metadata = getattr(raw, "_metadata", None) or {}
+        return kind, state, {_canonical_prefix(p): dict(v) for p, v in metadata.items()}
+    if kind == "generator":
+        assert isinstance(value, torch.Generator)
+        return kind, value.get_state(), None
+    if kind == "numpy_generator":
+        assert isinstance(value, np.random.Generator)
+        return kind, value.bit_generator.state, None
+    if kind != "value":
+        return kind, value.state_dict(), None  # type: ignore[attr-defined]
+    return kind, value, None
+
+
+def module_state(state: Mapping[str, Any], metadata: Mapping[str, Any] | None) -> Any:
+    """A state dict carrying torch's ``_metadata`` again, as ``load_state_dict`` expects."""
+    out: OrderedDict[str, Any] = OrderedDict(state)
+    if metadata:
+        out._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
+    return out
+
+
+def _module_plan(
+    name: str, target: torch.nn.Module, saved: Any, strict: bool
+) -> OrderedDict[str, Any]:
+    """The saved state renamed to ``target``'s names, checked before anything is loaded."""
+    if not isinstance(saved, Mapping):
+        raise InvalidStateError(
+            f"checkpoint entry {name!r} holds a {type(saved).__name__}, not a state dict, so "
+            f"it cannot be loaded into the {type(target).__name__} passed as {name}="
+        )
+    dest = unwrap(target)
+    own = dest.state_dict()
+    plan = plan_keys(list(saved), list(own))
+    bad = {
+        dst: f"{dst} (checkpoint {tuple(saved[src].shape)}, model {tuple(own[dst].shape)})"
+        for dst, src in plan.pairs.items()
+        if isinstance(saved[src], torch.Tensor)
+        and isinstance(own[dst], torch.Tensor)
+        and saved[src].shape != own[dst].shape
+    }
+    mismatched = list(bad.values())
+    if strict and (plan.missing or plan.unexpected or mismatched):
+        lines = [
+            f"cannot load checkpoint entry {name!r} into {type(dest).__name__}; nothing was loaded:"
+        ]
+        for label, names in (
+            ("missing", plan.missing),
+            ("unexpected", plan.unexpected),
+            ("shape mismatch", mismatched),
+        ):
+            if names:
+                shown = ", ".join(names[:8]) + (
+                    f" and {len(names) - 8} more" if len(names) > 8 else ""
+                )
+                lines.append(f"  {label}: {shown}")
+        lines.append("Pass strict=False to load what fits.")
+        raise KeyMismatchError("\n".join(lines), plan)
+    mapped: OrderedDict[str, Any] = OrderedDict(
+        (dst, saved[src]) for dst, src in plan.pairs.items() if dst not in bad
+    )
+    saved_meta = getattr(saved, "_metadata", None)
+    own_meta = getattr(own, "_metadata", None)
+    if saved_meta is not None and own_meta is not None:
+        mapped._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (p, saved_meta.get(_canonical_prefix(p), v)) for p, v in own_meta.items()
+        )
+    return mapped
+
+
+def check(name: str, target: object, saved: Any, strict: bool) -> Any:
+    """Validate ``saved`` against ``target`` before anything is restored; return what to load."""
+    if isinstance(target, torch.nn.Module):
+        return _module_plan(name, target, saved, strict)
+    if isinstance(target, torch.Tensor) and (
+        not isinstance(saved, torch.Tensor) or saved.shape != target.shape
+    ):
+        what = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
+        raise InvalidStateError(
+            f"checkpoint entry {name!r} ({what}) does not fit the tensor of shape "
+            f"{tuple(target.shape)} passed as {name}="
+        )
+    if isinstance(target, torch.Generator) and not isinstance(saved, torch.Tensor):
+        raise InvalidStateError(f"checkpoint entry {name!r} is not a generator state")
+    return saved
+
+
+def restore(name: str, target: object, saved: Any, strict: bool) -> tuple[bool, Any]:
+    """Put ``saved`` (already passed through :func:`check`) into ``target``.
+
+    Returns:
+        ``(True, None)`` when ``target`` was restored in place, else ``(False, value)`` with
+        the value to hand back (a dataclass or Namespace target shapes the value returned).
+    """
+    if isinstance(target, torch.nn.Module):
+        unwrap(target).load_state_dict(saved, strict=strict)
+        return True, None
+    if isinstance(target, torch.Tensor):
+        with torch.no_grad():
+            target.copy_(saved)
+        return True, None
+    if isinstance(target, torch.Generator):
+        target.set_state(saved.cpu())
+        return True, None
+    if isinstance(target, np.random.Generator):
+        target.bit_generator.state = saved
+        return True, None
+    if _is_stateful(target):
+        target.load_state_dict(saved)  # type: ignore[attr-defined]
+        return True, None
+    return False, shaped_like(target, saved)
+
+
+def shaped_like(template: object, value: Any) -> Any:
+    """``value`` as the type of ``template`` when that is a Namespace or a dataclass."""
+    if isinstance(value, argparse.Namespace):
+        fields = vars(value)
+    elif isinstance(value, Mapping):
+        fields = dict(value)
+    else:
+        return value
+    if isinstance(template, argparse.Namespace):
+        return argparse.Namespace(**fields)
+    if dataclasses.is_dataclass(template) and not isinstance(template, type):
+        if not isinstance(value, Mapping) or dataclasses.is_dataclass(value):
+            return value
+        made = type(template)(
+            **{
+                f.name: fields[f.name]
+                for f in dataclasses.fields(template)
+                if f.init and f.name in fields
+            }
+        )
+        for f in dataclasses.fields(template):
+            if not f.init and f.name in fields:
+                object.__setattr__(made, f.name, fields[f.name])
+        return made
+    return value
+
+
+# ----------------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """The global RNG states of Python, numpy, torch CPU and every CUDA device.
+
+    Large integer arrays are stored as int64 tensors so the manifest stays small and a
+    ``.pt`` file still loads with ``torch.load(weights_only=True)``.
+    """
+    version, internal, gauss_next = random.getstate()
+    algorithm, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "python": {
+            "version": version,
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+        "numpy": {
+            "algorithm": str(algorithm),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Set the global RNG states captured by :func:`capture_rng`."""
+    if "python" in state:
+        py = state["python"]
+        internal = tuple(int(x) for x in torch.as_tensor(py["state"]).tolist())
+        random.setstate((int(py["version"]), internal, py["gauss_next"]))
+    if "numpy" in state:
+        npy = state["numpy"]
+        keys = np.asarray(torch.as_tensor(npy["keys"]).numpy(), dtype=np.uint32)
+        np.random.set_state(
+            (
+                npy["algorithm"],
+                keys,
+                int(npy["pos"]),
+                int(npy["has_gauss"]),
+                float(npy["cached_gaussian"]),
+            )
+        )
+    if "torch" in state:
+        torch.set_rng_state(torch.as_tensor(state["torch"]).cpu())
+    cuda = list(state.get("cuda") or [])
+    if cuda:
+        if not torch.cuda.is_available():
+            warnings.warn(
+                "the checkpoint holds CUDA RNG states but CUDA is not available here; they "
+                "were not restored",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        count = torch.cuda.device_count()
+        for index, device_state in enumerate(cuda[:count]):
+            torch.cuda.set_rng_state(torch.as_tensor(device_state).cpu(), index)
+        if len(cuda) != count:
+            warnings.warn(
+                f"the checkpoint holds RNG states of {len(cuda)} CUDA devices and this machine "
+                f"has {count}; the first {min(count, len(cuda))} were restored",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+__all__ = [
+    "capture",
+    "capture_rng",
+    "check",
+    "kind_of",
+    "module_state",
+    "restore",
+    "restore_rng",
+    "shaped_like",
+    "type_name",
+]

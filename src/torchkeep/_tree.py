@@ -1,0 +1,427 @@
+"""Nested training state <-> flat named tensors plus a JSON structure, without pickle.
+
+:class:`Flattener` walks a value and returns a JSON-able *node*: plain JSON for ``None``,
+booleans, finite numbers, strings, lists and string-keyed dicts, and tagged objects
+(``{"__tk__": "tuple", ...}``) for everything JSON cannot say exactly: tuples, dicts with
+other keys, bytes, dtypes, devices, namespaces, dataclasses, paths, sets, complex numbers,
+non-finite floats, numpy scalars. Tensors and numpy arrays become ``{"__tk__": "tensor",
+"name": ...}`` references to a flat ``{name: tensor}`` mapping, named after their path in the
+state (``optimizer.state.0.exp_avg``); tensors that are exact aliases are stored once.
+
+:class:`Unflattener` turns a node back into the value, validating every node it reads so a
+damaged structure is reported with its path instead of surfacing as a ``KeyError`` later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import math
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchkeep._tensors import NAME_FROM_DTYPE
+from torchkeep.errors import CorruptFileError, TorchkeepError, UnsupportedValueError
+
+TAG = "__tk__"
+_MAX_DEPTH = 200
+_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def join(path: str, key: object) -> str:
+    """``model`` + ``weight`` -> ``model.weight`` (a dict key, as torch names state)."""
+    return f"{path}.{key}" if path else str(key)
+
+
+def index(path: str, position: int) -> str:
+    """``items`` + 2 -> ``items[2]`` (a position in a list or tuple)."""
+    return f"{path}[{position}]"
+
+
+def _describe(value: object) -> str:
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _unsupported(value: object, path: str, why: str = "") -> UnsupportedValueError:
+    reason = f" ({why})" if why else ""
+    return UnsupportedValueError(
+        f"cannot save the {_describe(value)} at {path or 'the top level'!r}{reason}: checkpoints "
+        "hold tensors, numpy arrays, numbers, strings, bytes, None, lists, tuples, dicts, sets, "
+        "argparse.Namespace, dataclasses, paths, dtypes, devices and objects with "
+        "state_dict()/load_state_dict(). Convert it to one of those, or pass "
+        "allow_pickle=True to store it in a pickle side file (objects.pkl) that loads only with "
+        "trust=True.",
+        path=path,
+    )
+
+
+def tensor_problem(tensor: torch.Tensor) -> str:
+    """Why a tensor cannot go into a safetensors shard, or ``""`` when it can."""
+    if tensor.layout != torch.strided:
+        return f"a {tensor.layout} tensor; convert it with .to_dense()"
+    if tensor.is_quantized:
+        return "a quantized tensor; convert it with .dequantize()"
+    if tensor.device.type == "meta":
+        return "a meta tensor, which has no data"
+    if tensor.dtype not in NAME_FROM_DTYPE:
+        return f"dtype {tensor.dtype} has no safetensors code; convert it with .to(...)"
+    return ""
+
+
+class Flattener:
+    """Encodes values into JSON nodes, collecting their tensors.
+
+    Args:
+        allow_pickle: keep unsupported objects in ``objects`` (to be pickled by the caller)
+            instead of raising :class:`UnsupportedValueError`.
+    """
+
+    def __init__(self, *, allow_pickle: bool = False) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.objects: list[object] = []
+        self.pickled_paths: list[str] = []
+        self._allow_pickle = allow_pickle
+        self._alias: dict[tuple[object, ...], str] = {}
+        self._active: set[int] = set()
+
+    def encode(self, value: object, path: str, depth: int = 0) -> Any:
+        """The JSON node for ``value``, found at ``path`` in the state."""
+        if depth > _MAX_DEPTH:
+            raise _unsupported(value, path, f"nested more than {_MAX_DEPTH} levels deep")
+        if value is None:
+            return None
+        # Subclasses (enums, numpy's float64) are stored as their plain value.
+        if isinstance(value, bool):
+            return bool(value)
+        if isinstance(value, str):
+            return str(value)
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            return float(value) if math.isfinite(value) else {TAG: "float", "value": str(value)}
+        if isinstance(value, torch.Tensor):
+            return self._tensor(value, path, "tensor")
+        if isinstance(value, np.ndarray):
+            return self._ndarray(value, path)
+        if isinstance(value, np.generic):
+            return self._scalar(value, path, depth)
+        if isinstance(value, (list, tuple, set, frozenset, dict, argparse.Namespace)) or (
+            dataclasses.is_dataclass(value) and not isinstance(value, type)
+        ):
+            if id(value) in self._active:
+                raise _unsupported(value, path, "it contains itself")
+            self._active.add(id(value))
+            try:
+                return self._container(value, path, depth)
+            finally:
+                self._active.discard(id(value))
+        if isinstance(value, complex):
+            return {
+                TAG: "complex",
+                "real": self.encode(value.real, path),
+                "imag": self.encode(value.imag, path),
+            }
+        if isinstance(value, bytes | bytearray):
+            return {TAG: "bytes", "base64": base64.b64encode(bytes(value)).decode("ascii")}
+        if isinstance(value, torch.dtype):
+            return {TAG: "dtype", "value": str(value).removeprefix("torch.")}
+        if isinstance(value, torch.device):
+            return {TAG: "device", "value": str(value)}
+        if isinstance(value, pathlib.PurePath):
+            return {TAG: "path", "value": str(value)}
+        return self._pickle(value, path, "")
+
+    def _container(self, value: Any, path: str, depth: int) -> Any:
+        if isinstance(value, list):
+            return [self.encode(v, index(path, i), depth + 1) for i, v in enumerate(value)]
+        if isinstance(value, tuple):
+            items = [self.encode(v, index(path, i), depth + 1) for i, v in enumerate(value)]
+            return {TAG: "tuple", "items": items}
+        if isinstance(value, set | frozenset):
+            items = [self.encode(v, index(path, i), depth + 1) for i, v in enumerate(value)]
+            return {TAG: "frozenset" if isinstance(value, frozenset) else "set", "items": items}
+        if isinstance(value, argparse.Namespace):
+            return {TAG: "namespace", "fields": self._dict(vars(value), path, depth)}
+        if isinstance(value, dict):
+            return self._dict(value, path, depth)
+        assert dataclasses.is_dataclass(value) and not isinstance(value, type)
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        kind = type(value)
+        return {
+            TAG: "dataclass",
+            "type": f"{kind.__module__}:{kind.__qualname__}",
+            "fields": self._dict(fields, path, depth),
+        }
+
+    def _dict(self, value: Mapping[Any, Any], path: str, depth: int) -> Any:
+        if all(type(k) is str for k in value) and TAG not in value:
+            return {k: self.encode(v, join(path, k), depth + 1) for k, v in value.items()}
+        # Optimizer state is keyed by parameter index: JSON objects cannot say that.
+        items = []
+        for key, item in value.items():
+            if isinstance(key, torch.Tensor | np.ndarray):
+                raise _unsupported(key, join(path, repr(key)), "a tensor used as a dict key")
+            items.append(
+                [self.encode(key, path, depth + 1), self.encode(item, join(path, key), depth + 1)]
+            )
+        return {TAG: "dict", "items": items}
+
+    def _scalar(self, value: np.generic, path: str, depth: int) -> Any:
+        if value.dtype.kind not in "biufc":
+            return self._pickle(value, path, f"numpy {value.dtype} scalar")
+        return {
+            TAG: "numpy_scalar",
+            "dtype": value.dtype.str,
+            "value": self.encode(value.item(), path, depth + 1),
+        }
+
+    def _ndarray(self, array: np.ndarray, path: str) -> Any:
+        if array.dtype.kind not in "biufc":
+            return self._pickle(array, path, f"numpy dtype {array.dtype}")
+        native = array.astype(array.dtype.newbyteorder("="), copy=False)
+        try:
+            tensor = torch.from_numpy(np.ascontiguousarray(native))
+        except TypeError as exc:
+            return self._pickle(array, path, str(exc))
+        node = self._tensor(tensor, path, "ndarray")
+        if node.get(TAG) == "ndarray":
+            node["dtype"] = array.dtype.str
+        return node
+
+    def _tensor(self, tensor: torch.Tensor, path: str, tag: str) -> Any:
+        problem = tensor_problem(tensor)
+        if problem:
+            return self._pickle(tensor, path, problem)
+        tensor = tensor.detach()
+        key: tuple[object, ...] | None = None
+        if tensor.numel():
+            key = (
+                tensor.device,
+                tensor.untyped_storage().data_ptr(),
+                tensor.storage_offset(),
+                tuple(tensor.shape),
+                tuple(tensor.stride()),
+                tensor.dtype,
+            )
+        name = self._alias.get(key) if key is not None else None
+        if name is None:
+            base = name = path or "tensor"
+            counter = 1
+            while name in self.tensors:  # a dict key "a.b" and a nested a -> b, say
+                counter += 1
+                name = f"{base}~{counter}"
+            # The flattener holds every tensor, so a recorded data_ptr cannot be reused.
+            self.tensors[name] = tensor
+            if key is not None:
+                self._alias[key] = name
+        node: dict[str, Any] = {TAG: tag, "name": name}
+        if tensor.requires_grad:
+            node["requires_grad"] = True
+        return node
+
+    def _pickle(self, value: object, path: str, why: str) -> Any:
+        if not self._allow_pickle:
+            raise _unsupported(value, path, why)
+        self.objects.append(value)
+        self.pickled_paths.append(path)
+        return {TAG: "pickle", "index": len(self.objects) - 1, "type": _describe(value)}
+
+
+TensorReader = Callable[[str], torch.Tensor]
+
+
+class Unflattener:
+    """Decodes JSON nodes back into values.
+
+    Args:
+        read_tensor: returns the tensor stored under a flat name (called once per name).
+        objects: returns the unpickled side objects; called only when a node needs them.
+        where: the file being read, for error messages.
+    """
+
+    def __init__(
+        self,
+        read_tensor: TensorReader,
+        objects: Callable[[], Sequence[object]] | None = None,
+        where: str = "",
+    ) -> None:
+        self._read = read_tensor
+        self._objects = objects
+        self._cache: dict[str, torch.Tensor] = {}
+        self._where = where
+
+    def _corrupt(self, path: str, problem: str) -> CorruptFileError:
+        return CorruptFileError(
+            f"checkpoint {self._where!r} has a damaged structure at {path or 'the top level'!r}: "
+            f"{problem}"
+        )
+
+    def decode(self, node: Any, path: str) -> Any:
+        """The value ``node`` encodes (a dataclass comes back as a dict of its fields)."""
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        if isinstance(node, list):
+            return [self.decode(v, index(path, i)) for i, v in enumerate(node)]
+        if not isinstance(node, dict):
+            raise self._corrupt(path, f"unexpected JSON value {node!r}")
+        tag = node.get(TAG)
+        if tag is None:
+            return {k: self.decode(v, join(path, k)) for k, v in node.items()}
+        try:
+            return self._tagged(str(tag), node, path)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, TorchkeepError):
+                raise
+            raise self._corrupt(path, f"invalid {tag!r} node ({exc!r})") from exc
+
+    def _items(self, node: dict[str, Any], path: str) -> list[Any]:
+        return [self.decode(v, index(path, i)) for i, v in enumerate(node["items"])]
+
+    def _tagged(self, tag: str, node: dict[str, Any], path: str) -> Any:
+        if tag in ("tensor", "ndarray"):
+            tensor = self._tensor(str(node["name"]), path)
+            if tag == "ndarray":
+                return tensor.numpy().astype(np.dtype(node["dtype"]), copy=False)
+            if node.get("requires_grad"):
+                tensor = tensor.detach().requires_grad_(True)
+            return tensor
+        if tag == "tuple":
+            return tuple(self._items(node, path))
+        if tag == "set":
+            return set(self._items(node, path))
+        if tag == "frozenset":
+            return frozenset(self._items(node, path))
+        if tag == "dict":
+            return {
+                self.decode(k, path): self.decode(v, join(path, str(k))) for k, v in node["items"]
+            }
+        if tag == "float":
+            return _FLOATS[node["value"]]
+        if tag == "complex":
+            return complex(self.decode(node["real"], path), self.decode(node["imag"], path))
+        if tag == "bytes":
+            return base64.b64decode(node["base64"], validate=True)
+        if tag == "dtype":
+            dtype = getattr(torch, node["value"], None)
+            if not isinstance(dtype, torch.dtype):
+                raise self._corrupt(path, f"unknown dtype {node['value']!r}")
+            return dtype
+        if tag == "device":
+            return torch.device(node["value"])
+        if tag == "path":
+            return pathlib.Path(node["value"])
+        if tag == "numpy_scalar":
+            return np.dtype(node["dtype"]).type(self.decode(node["value"], path))
+        if tag == "namespace":
+            return argparse.Namespace(**self._fields(node, path))
+        if tag == "dataclass":
+            # Building a class named in a file would run its code: its fields come back as a
+            # dict, and the caller's own dataclass (passed as a target) rebuilds it.
+            return self._fields(node, path)
+        if tag == "pickle":
+            if self._objects is None:
+                raise self._corrupt(path, "a pickled object, but the checkpoint has no objects")
+            return self._objects()[int(node["index"])]
+        raise self._corrupt(path, f"unknown tag {tag!r} (written by a newer torchkeep?)")
+
+    def _fields(self, node: dict[str, Any], path: str) -> dict[str, Any]:
+        fields = self.decode(node["fields"], path)
+        if not isinstance(fields, dict):
+            raise self._corrupt(path, "fields are not a dict")
+        return fields
+
+    def _tensor(self, name: str, path: str) -> torch.Tensor:
+        if name not in self._cache:
+            self._cache[name] = self._read(name)
+        return self._cache[name]
+
+
+def map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``function`` applied to every tensor inside lists, tuples and dicts."""
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if isinstance(value, list):
+        return [map_tensors(v, function) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(map_tensors(v, function) for v in value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, function) for k, v in value.items()}
+    return value
+
+
+_TORCH_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def to_torch_plain(value: Any, path: str, *, allow_pickle: bool = False) -> Any:
+    """``value`` as types ``torch.load(weights_only=True)`` accepts, for ``.pt`` checkpoints.
+
+    Namespaces and dataclasses become dicts of their fields, numpy arrays become tensors,
+    numpy scalars Python numbers, paths strings and frozensets sets.
+
+    Raises:
+        UnsupportedValueError: a value that needs pickle, unless ``allow_pickle``.
+    """
+    if type(value) not in (bool, int, float, str):
+        for plain in (bool, int, float, str):
+            if isinstance(value, plain):
+                # Subclasses (enums, torch's TorchVersion) would need their class to unpickle.
+                return plain(value)
+    if isinstance(value, (torch.Tensor, *_TORCH_LEAVES)):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
+        return torch.from_numpy(np.ascontiguousarray(value.astype(value.dtype.newbyteorder("="))))
+    if isinstance(value, np.generic) and value.dtype.kind in "biufc":
+        return value.item()
+    if isinstance(value, pathlib.PurePath):
+        return str(value)
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [
+            to_torch_plain(v, index(path, i), allow_pickle=allow_pickle)
+            for i, v in enumerate(value)
+        ]
+        return (
+            list(items)
+            if isinstance(value, list)
+            else (tuple(items) if isinstance(value, tuple) else set(items))
+        )
+    fields: Mapping[Any, Any] | None = None
+    if isinstance(value, argparse.Namespace):
+        fields = vars(value)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    elif isinstance(value, dict):
+        fields = value
+    if fields is not None:
+        out = {
+            k: to_torch_plain(v, join(path, k), allow_pickle=allow_pickle)
+            for k, v in fields.items()
+        }
+        bad = [k for k in out if not isinstance(k, str | int | float | bool | tuple | type(None))]
+        if bad and not allow_pickle:
+            raise _unsupported(bad[0], join(path, repr(bad[0])), "used as a dict key")
+        if hasattr(value, "_metadata"):  # a module state dict keeps torch's version info
+            kept: Any = type(value)(out) if isinstance(value, dict) else out
+            kept._metadata = value._metadata
+            return kept
+        return out
+    if allow_pickle:
+        return value
+    raise _unsupported(value, path)
+
+
+__all__ = [
+    "TAG",
+    "Flattener",
+    "UnsupportedValueError",
+    "Unflattener",
+    "index",
+    "join",
+    "map_tensors",
+    "to_torch_plain",
+]

@@ -1,0 +1,767 @@
+"""Training checkpoints: ``save_checkpoint`` / ``load_checkpoint``.
+
+Two layouts. A ``.pt`` path gets the tutorials' torch zip file, a dict of state dicts and
+plain values that ``torch.load(weights_only=True)`` reads. Any other path is a folder in the
+native format: safetensors shards of bounded size written in parallel, and ``checkpoint.json``
+written last, holding the structure of the state (:mod:`torchkeep._tree`), every tensor's
+dtype, shape, file and xxh3 checksum, metrics and metadata. The folder is filled under a
+temporary name and renamed into place only when complete, so a folder without
+``checkpoint.json`` is never taken for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno as errno_codes
+import json
+import os
+import pickle
+import shutil
+import uuid
+import zipfile
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import xxhash
+
+from torchkeep import _state
+from torchkeep._tensors import byte_view, dtype_name, to_cpu_contiguous, xxh3
+from torchkeep._tree import (
+    Flattener,
+    Unflattener,
+    UnsupportedValueError,
+    map_tensors,
+    to_torch_plain,
+)
+from torchkeep._unpickle import safe_torch_load
+from torchkeep.api import parse_size
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    ChecksumError,
+    CorruptFileError,
+    InvalidStateError,
+    KeyMismatchError,
+    TorchkeepError,
+    UnsafeFileError,
+)
+from torchkeep.formats._base import OpenOptions, WriteRequest
+from torchkeep.formats.safetensors import SafetensorsSource, build_header
+from torchkeep.storage.local import TEMP_MARKER, atomic_dir, atomic_file, temp_sibling
+
+PathLike = str | os.PathLike[str]
+
+FORMAT = "torchkeep-checkpoint"
+VERSION = 1
+MANIFEST = "checkpoint.json"
+OBJECTS = "objects.pkl"
+PT_META = "__torchkeep__"
+DEFAULT_SHARD_SIZE = "256MB"
+_WRITERS = 4
+_PT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar")
+
+
+# ------------------------------------------------------------------------------ snapshot
+
+
+@dataclass
+class Snapshot:
+    """A state frozen for writing: the manifest without its tensor table, and the tensors."""
+
+    manifest: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    objects: bytes | None
+
+
+class StagingPool:
+    """Reusable CPU buffers the tensors of a state are copied into before an async write.
+
+    Buffers are kept per tensor name and reused while shape and dtype stay the same, so a
+    training loop allocates them once; they are pinned when the source is on a GPU so the
+    copies can run asynchronously. A pool serves one write at a time: the caller must not
+    stage again before the previous write finished.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def stage(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copies of ``tensors`` in the pool's buffers, complete when this returns."""
+        staged: dict[str, torch.Tensor] = {}
+        devices: set[torch.device] = set()
+        for name, tensor in tensors.items():
+            source = tensor.detach()
+            on_gpu = source.device.type == "cuda"
+            buffer = self._buffers.get(name)
+            if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
+                buffer = torch.empty(
+                    source.shape,
+                    dtype=source.dtype,
+                    pin_memory=on_gpu and torch.cuda.is_available(),
+                )
+            buffer.copy_(source, non_blocking=on_gpu)
+            if on_gpu:
+                devices.add(source.device)
+            staged[name] = buffer
+        for device in devices:
+            # The copies must have landed before training may change the sources.
+            torch.cuda.synchronize(device)
+        self._buffers = staged
+        return staged
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _number(name: str, value: object) -> float | int:
+    # A loss tensor or numpy scalar passed as a metric is what people mean by its number.
+    size = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", 0)
+    if isinstance(value, torch.Tensor | np.ndarray | np.generic) and size == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}")
+    return value
+
+
+def _plain_json(value: object, what: str) -> Any:
+    flattener = Flattener()
+    node = flattener.encode(value, what)
+    if flattener.tensors:
+        raise InvalidStateError(
+            f"{what} holds a tensor at {next(iter(flattener.tensors))!r}; {what} is stored as "
+            "JSON: put tensors in the state instead"
+        )
+    return node
+
+
+def _check_name(name: str) -> None:
+    if name.startswith("__"):
+        raise ValueError(f"state names starting with '__' are reserved, got {name!r}")
+
+
+def _to_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return to_cpu_contiguous(tensor.resolve_conj().resolve_neg())
+
+
+def take_snapshot(
+    state: Mapping[str, object],
+    *,
+    step: int | None = None,
+    rng: bool = True,
+    allow_pickle: bool = False,
+    metrics: Mapping[str, object] | None = None,
+    metadata: Mapping[str, object] | None = None,
+    staging: StagingPool | None = None,
+) -> Snapshot:
+    """Capture ``state`` for the native format; with ``staging`` every tensor is copied.
+
+    Everything that is not a tensor is turned into JSON (or pickled, with ``allow_pickle``)
+    here, so later changes to the live objects do not reach the checkpoint.
+    """
+    if not state:
+        raise InvalidStateError("nothing to save: pass the state as keywords, model=..., ...")
+    flattener = Flattener(allow_pickle=allow_pickle)
+    entries: dict[str, Any] = {}
+    for name, value in state.items():
+        _check_name(name)
+        kind, captured, module_meta = _state.capture(value)
+        entry = {
+            "kind": kind,
+            "type": _state.type_name(value),
+            "value": flattener.encode(captured, name),
+        }
+        if module_meta:
+            entry["module_metadata"] = _plain_json(module_meta, name)
+        entries[name] = entry
+    rng_node = flattener.encode(_state.capture_rng(), "__rng__") if rng else None
+    objects = pickle.dumps(flattener.objects, protocol=5) if flattener.objects else None
+    if staging is not None:
+        tensors = staging.stage(flattener.tensors)
+    else:
+        tensors = {name: _to_cpu(t) for name, t in flattener.tensors.items()}
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "id": uuid.uuid4().hex,
+        "torch_version": str(torch.__version__),
+        "created": _now(),
+        "step": step,
+        "metrics": {k: _plain_json(_number(k, v), "metrics") for k, v in (metrics or {}).items()},
+        "metadata": _plain_json(dict(metadata or {}), "metadata"),
+        "state": entries,
+        "rng": rng_node,
+        "objects": {"file": OBJECTS, "paths": flattener.pickled_paths} if objects else None,
+    }
+    return Snapshot(manifest, tensors, objects)
+
+
+# --------------------------------------------------------------------------------- write
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        written = os.write(fd, data)
+        if written <= 0:
+            raise OSError(errno_codes.EIO, "os.write wrote nothing")
+        data = data[written:]
+
+
+def _write_file(path: Path, chunks: list[memoryview]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for chunk in chunks:
+            _write_all(fd, chunk)
+    except OSError as exc:
+        exc.filename = exc.filename or str(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    checksums = {name: xxh3(tensor) for name, tensor in tensors.items()}
+    header, order = build_header(WriteRequest(tensors), checksums)
+    chunks = [memoryview(header)]
+    chunks += [memoryview(byte_view(tensors[n])) for n in order if tensors[n].numel()]
+    _write_file(path, chunks)
+    return checksums
+
+
+def plan_shards(
+    tensors: Mapping[str, torch.Tensor], max_bytes: int
+) -> list[dict[str, torch.Tensor]]:
+    """Group tensors, in order, into shards of at most ``max_bytes`` (a bigger one alone)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards if shards[0] else []
+
+
+def _fill(folder: Path, snapshot: Snapshot, max_bytes: int) -> dict[str, Any]:
+    shards = plan_shards(snapshot.tensors, max_bytes)
+    names = [f"tensors-{i:05d}.safetensors" for i in range(len(shards))]
+    if len(shards) > 1:
+        with ThreadPoolExecutor(min(_WRITERS, len(shards)), "torchkeep-shard") as pool:
+            futures = [
+                pool.submit(_write_shard, folder / n, s) for n, s in zip(names, shards, strict=True)
+            ]
+            sums = [f.result() for f in futures]
+    else:
+        sums = [_write_shard(folder / n, s) for n, s in zip(names, shards, strict=True)]
+    manifest = dict(snapshot.manifest)
+    manifest["tensors"] = {
+        name: {
+            "file": file,
+            "dtype": dtype_name(t.dtype),
+            "shape": list(t.shape),
+            "nbytes": t.numel() * t.element_size(),
+            "xxh3": checksums[name],
+        }
+        for file, shard, checksums in zip(names, shards, sums, strict=True)
+        for name, t in shard.items()
+    }
+    manifest["files"] = {n: {"bytes": (folder / n).stat().st_size} for n in names}
+    if snapshot.objects is not None:
+        _write_file(folder / OBJECTS, [memoryview(snapshot.objects)])
+        manifest["objects"] = {
+            **manifest["objects"],
+            "bytes": len(snapshot.objects),
+            "xxh3": xxhash.xxh3_64_hexdigest(snapshot.objects),
+        }
+    text = json.dumps(manifest, indent=1, allow_nan=False).encode()
+    # Written last: a folder holding checkpoint.json is complete.
+    _write_file(folder / MANIFEST, [memoryview(text)])
+    return manifest
+
+
+def _manifest_id(folder: Path) -> str | None:
+    try:
+        with open(folder / MANIFEST, "rb") as f:
+            found = json.loads(f.read()).get("id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(found) if found is not None else None
+
+
+def _undo(path: Path, save_id: str) -> bool:
+    """Take back a checkpoint whose rename succeeded but whose commit then failed.
+
+    ``atomic_dir`` moves an existing checkpoint aside before renaming the new one in and
+    removes it only after the final fsync; when that fsync fails, the old one is put back.
+    Returns False when the new checkpoint could not be taken back.
+    """
+    if _manifest_id(path) != save_id:
+        return True  # the rename never happened
+    try:
+        hidden = temp_sibling(path)
+        os.replace(path, hidden)
+    except OSError:
+        return False
+    shutil.rmtree(hidden, ignore_errors=True)
+    prefix = f".{path.name}{TEMP_MARKER}"
+    for sibling in path.parent.iterdir():
+        if sibling.name.startswith(prefix) and _manifest_id(sibling) not in (None, save_id):
+            with contextlib.suppress(OSError):
+                os.replace(sibling, path)
+            break
+    return True
+
+
+def _write_error(exc: OSError, target: Path, undone: bool = True) -> CheckpointWriteError:
+    where = f" (while writing {exc.filename})" if exc.filename else ""
+    outcome = (
+        "nothing was committed and earlier checkpoints are untouched"
+        if undone
+        else f"the new checkpoint could not be taken back; check {target}"
+    )
+    message = f"could not write checkpoint {str(target)!r}: {exc.strerror or exc}{where}; {outcome}"
+    if exc.errno is not None:
+        return CheckpointWriteError(exc.errno, message)
+    return CheckpointWriteError(message)
+
+
+def write_native(snapshot: Snapshot, path: PathLike, *, max_shard_size: int | str) -> Path:
+    """Write ``snapshot`` as a native checkpoint folder at ``path``, atomically.
+
+    Raises:
+        CheckpointWriteError: the disk refused a write or fsync; nothing was committed.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{str(target)!r} is a file; a native checkpoint is a folder")
+    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
+        raise ValueError(
+            f"folder {str(target)!r} exists and is not a torchkeep checkpoint; refusing to "
+            "replace it: choose a new folder"
+        )
+    max_bytes = parse_size(max_shard_size)
+    try:
+        with atomic_dir(target) as temp:
+            _fill(temp, snapshot, max_bytes)
+    except BaseException as exc:
+        undone = _undo(target, snapshot.manifest["id"])
+        if isinstance(exc, OSError) and not isinstance(exc, TorchkeepError):
+            raise _write_error(exc, target, undone) from exc
+        raise
+    return target
+
+
+# ---------------------------------------------------------------------------------- read
+
+
+def _not_committed(path: Path) -> CorruptFileError:
+    hint = ""
+    if any(p.name.startswith("step-") for p in path.iterdir() if p.is_dir()):
+        hint = " It looks like a CheckpointManager folder: use CheckpointManager(path).restore()."
+    return CorruptFileError(
+        f"folder {str(path)!r} has no {MANIFEST}, so it is not a committed checkpoint: the save "
+        f"that wrote it did not finish, or it is not a torchkeep checkpoint.{hint}"
+    )
+
+
+def read_manifest(path: PathLike) -> dict[str, Any]:
+    """The parsed ``checkpoint.json`` of a native checkpoint folder, checked for its version."""
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointNotFoundError(f"no checkpoint at {str(folder)!r}")
+    if not (folder / MANIFEST).is_file():
+        raise _not_committed(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{str(folder / MANIFEST)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CorruptFileError(f"{str(folder / MANIFEST)!r} is not a torchkeep checkpoint manifest")
+    if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
+        raise CorruptFileError(
+            f"{str(folder)!r} has checkpoint format version {manifest.get('version')!r}; this "
+            f"torchkeep reads up to version {VERSION}: upgrade torchkeep"
+        )
+    for key, kind in (("state", dict), ("tensors", dict), ("files", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise CorruptFileError(f"{str(folder / MANIFEST)!r} has no valid {key!r} section")
+    return manifest
+
+
+class NativeCheckpoint:
+    """An opened native checkpoint: manifest, shard headers and lengths validated.
+
+    Args:
+        path: the checkpoint folder.
+        verify: hash every tensor read (and, on :meth:`verify_rest`, the others) against
+            the manifest's xxh3.
+    """
+
+    def __init__(self, path: PathLike, *, verify: bool = False) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self._verify = verify
+        self._checked: set[str] = set()
+        self._sources: dict[str, SafetensorsSource] = {}
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _corrupt(self, problem: str) -> CorruptFileError:
+        return CorruptFileError(f"checkpoint {str(self.path)!r} is damaged: {problem}")
+
+    def _open(self) -> None:
+        for name, info in self.manifest["files"].items():
+            file = self.path / name
+            if not file.is_file():
+                raise self._corrupt(f"its file {name!r} is missing")
+            size = file.stat().st_size
+            if size != info.get("bytes"):
+                raise self._corrupt(
+                    f"{name!r} is {size} bytes but {info.get('bytes')} were written (truncated?)"
+                )
+            self._sources[name] = SafetensorsSource(file, OpenOptions())
+        for name, info in self.manifest["tensors"].items():
+            source = self._sources.get(info.get("file"))
+            if source is None:
+                raise self._corrupt(f"tensor {name!r} is in unlisted file {info.get('file')!r}")
+            stored = source.entries()[""].get(name)
+            if stored is None:
+                raise self._corrupt(f"tensor {name!r} is missing from {info['file']!r}")
+            if stored.dtype != info.get("dtype") or list(stored.shape) != info.get("shape"):
+                raise self._corrupt(
+                    f"tensor {name!r} is {stored.dtype}{list(stored.shape)} in {info['file']!r} "
+                    f"but the manifest says {info.get('dtype')}{info.get('shape')}"
+                )
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor (to CPU), checking its checksum when opened with ``verify``."""
+        info = self.manifest["tensors"].get(name)
+        if info is None:
+            raise self._corrupt(f"its structure refers to tensor {name!r}, which is not stored")
+        tensor = self._sources[info["file"]].get("", name)
+        if self._verify:
+            actual = xxh3(tensor)
+            if actual != info.get("xxh3"):
+                raise ChecksumError(
+                    f"tensor {name!r} in {str(self.path / info['file'])!r} is damaged: its bytes "
+                    f"hash to {actual}, but {info.get('xxh3')} was recorded when it was saved. "
+                    "Load an earlier checkpoint."
+                )
+            self._checked.add(name)
+        return tensor
+
+    def verify_rest(self) -> None:
+        """Check the tensors not read yet (with ``verify``)."""
+        for name in self.manifest["tensors"]:
+            if name not in self._checked:
+                self.tensor(name)
+
+    def objects(self, trust: bool) -> list[object]:
+        """The pickled side objects; refused unless ``trust``."""
+        info = self.manifest.get("objects")
+        if not info:
+            return []
+        if not trust:
+            raise UnsafeFileError(
+                f"checkpoint {str(self.path)!r} holds pickled objects ({OBJECTS}, at "
+                f"{', '.join(info.get('paths', []))}), written with allow_pickle=True; unpickling "
+                "can run any code, so they load only with trust=True. Pass trust=True only if "
+                "you trust whoever wrote the checkpoint.",
+                path=str(self.path / OBJECTS),
+            )
+        data = (self.path / OBJECTS).read_bytes()
+        if len(data) != info.get("bytes") or xxhash.xxh3_64_hexdigest(data) != info.get("xxh3"):
+            raise ChecksumError(f"{str(self.path / OBJECTS)!r} does not match its checksum")
+        loaded = pickle.loads(data)  # the caller declared the checkpoint trusted
+        return list(loaded)
+
+    def close(self) -> None:
+        """Close the shard files."""
+        for source in self._sources.values():
+            source.close()
+        self._sources.clear()
+
+    def __enter__(self) -> NativeCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _decode_native(
+    path: Path, *, verify: bool, trust: bool, rng: bool
+) -> tuple[dict[str, Any], Any]:
+    with NativeCheckpoint(path, verify=verify) as ckpt:
+        if ckpt.manifest.get("objects") and not trust:
+            ckpt.objects(trust=False)  # raises, before anything is read
+        cache: list[list[object]] = []
+
+        def objects() -> list[object]:
+            if not cache:
+                cache.append(ckpt.objects(trust))
+            return cache[0]
+
+        decoder = Unflattener(ckpt.tensor, objects, str(path))
+        values: dict[str, Any] = {}
+        for name, entry in ckpt.manifest["state"].items():
+            value = decoder.decode(entry.get("value"), name)
+            if entry.get("kind") == "module" and isinstance(value, dict):
+                meta = decoder.decode(entry.get("module_metadata"), name)
+                value = _state.module_state(value, meta if isinstance(meta, dict) else None)
+            values[name] = value
+        rng_state = decoder.decode(ckpt.manifest["rng"], "__rng__") if rng else None
+        if verify:
+            ckpt.verify_rest()
+    return values, rng_state
+
+
+def _decode_torch(
+    path: Path, targets: Mapping[str, object], *, verify: bool, trust: bool, rng: bool
+) -> tuple[dict[str, Any], Any]:
+    if verify and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            raise ChecksumError(f"{str(path)!r} is damaged: member {bad!r} fails its CRC check")
+    loaded = safe_torch_load(str(path), map_location="cpu", trust=trust)
+    if not isinstance(loaded, Mapping):
+        raise InvalidStateError(
+            f"{str(path)!r} holds a {type(loaded).__name__}, not a checkpoint dict; load "
+            "weights with torchkeep.load(model, path)"
+        )
+    values = {str(k): v for k, v in loaded.items() if k != PT_META}
+    meta = loaded.get(PT_META)
+    for name, target in targets.items():
+        # The tutorials' names: {"model_state_dict": ..., "optimizer_state_dict": ...}.
+        others = [f"{name}_state_dict", f"{name}_state"]
+        if isinstance(target, torch.nn.Module):
+            others.append("state_dict")
+        if name not in values:
+            found = next((o for o in others if o in values), None)
+            if found is not None:
+                values[name] = values.pop(found)
+    rng_state = meta.get("rng") if rng and isinstance(meta, Mapping) else None
+    return values, rng_state
+
+
+def _restore(
+    values: dict[str, Any],
+    targets: Mapping[str, object],
+    *,
+    rng_state: Any,
+    strict: bool,
+    device: str | torch.device,
+    path: Path,
+) -> dict[str, Any]:
+    missing = [name for name in targets if name not in values]
+    if missing:
+        raise KeyMismatchError(
+            f"checkpoint {str(path)!r} has no entry {', '.join(map(repr, missing))}; it holds: "
+            + (", ".join(map(repr, values)) or "nothing"),
+            missing,
+        )
+    # Every target is checked before any is touched, so a mismatch leaves all of them as
+    # they were.
+    checked = {n: _state.check(n, t, values[n], strict) for n, t in targets.items()}
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in targets:
+            done, value = _state.restore(name, targets[name], checked[name], strict)
+            if done:
+                continue
+        if torch.device(device).type != "cpu":
+            value = map_tensors(value, lambda t: t.to(device))
+        out[name] = value
+    if rng_state:
+        _state.restore_rng(rng_state)
+    return out
+
+
+# -------------------------------------------------------------------------------- verbs
+
+
+def _format_for(path: Path, format: str | None) -> str:
+    if format is not None:
+        if format not in ("native", "torch"):
+            raise ValueError(f"unknown checkpoint format {format!r}; use 'native' or 'torch'")
+        return format
+    if path.suffix.lower() in _PT_SUFFIXES:
+        return "torch"
+    if path.is_dir() or not path.suffix:
+        return "native"
+    raise ValueError(
+        f"cannot tell the checkpoint format of {str(path)!r} from its suffix {path.suffix!r}: "
+        "use a folder path (the native format) or a .pt file, or pass format='native'/'torch'"
+    )
+
+
+def _save_torch(
+    path: Path,
+    state: Mapping[str, object],
+    *,
+    rng: bool,
+    allow_pickle: bool,
+    metrics: Mapping[str, object] | None,
+    metadata: Mapping[str, object] | None,
+) -> None:
+    if not state:
+        raise InvalidStateError("nothing to save: pass the state as keywords, model=..., ...")
+    payload: dict[str, Any] = {}
+    kinds: dict[str, str] = {}
+    for name, value in state.items():
+        _check_name(name)
+        kind, captured, module_meta = _state.capture(value)
+        if kind == "module":
+            captured = _state.module_state(captured, module_meta)
+        payload[name] = to_torch_plain(captured, name, allow_pickle=allow_pickle)
+        kinds[name] = kind
+    payload[PT_META] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "torch_version": str(torch.__version__),
+        "created": _now(),
+        "kinds": kinds,
+        "metrics": {k: _number(k, v) for k, v in (metrics or {}).items()},
+        "metadata": to_torch_plain(dict(metadata or {}), "metadata"),
+        "rng": _state.capture_rng() if rng else None,
+    }
+    try:
+        with atomic_file(path) as temp, open(temp, "wb") as f:
+            # A Python file object, so a full disk surfaces as an OSError.
+            torch.save(payload, f)
+    except OSError as exc:
+        raise _write_error(exc, path) from exc
+
+
+def save_checkpoint(
+    path: PathLike,
+    /,
+    *,
+    rng: bool = True,
+    metrics: Mapping[str, object] | None = None,
+    metadata: Mapping[str, object] | None = None,
+    allow_pickle: bool = False,
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+    format: Literal["native", "torch"] | None = None,
+    **state: object,
+) -> Path:
+    """Save a training state, atomically.
+
+    Each keyword is one entry: modules (saved unwrapped, under canonical names), optimizers,
+    LR schedulers, GradScalers, ``torch.Generator``/numpy generators, any object with
+    ``state_dict()``/``load_state_dict()``, tensors, and plain values (numbers, strings,
+    None, lists, tuples, dicts, sets, bytes, dtypes, devices, paths, numpy arrays,
+    ``argparse.Namespace``, dataclasses). The RNG states of Python, numpy, torch and CUDA
+    are saved too unless ``rng=False``.
+
+    Args:
+        path: a ``.pt``/``.pth``/``.ckpt`` file (the tutorials' torch zip, readable by
+            ``torch.load(weights_only=True)``) or a folder (the native format).
+        rng: save the global RNG states.
+        metrics: numbers stored in the manifest (``{"val_loss": 0.31}``).
+        metadata: JSON-able values stored in the manifest.
+        allow_pickle: store values that cannot be represented otherwise in a pickle side file
+            (``objects.pkl``, or inside the ``.pt``); loading it then needs ``trust=True``.
+        max_shard_size: largest safetensors shard of the native format (``"256MB"``).
+        format: ``"native"`` or ``"torch"``, to override the suffix.
+        **state: the entries to save. Names starting with ``__`` are reserved.
+
+    Returns:
+        The path written.
+
+    Raises:
+        UnsupportedValueError: a value that cannot be stored without pickle; the message
+            names its path in the state (``extra.callback``).
+        CheckpointWriteError: the disk refused a write; nothing was committed.
+
+    Example:
+        >>> save_checkpoint("ckpt/epoch-3", model=model, optimizer=opt, epoch=3, args=args)
+    """
+    target = Path(path)
+    if _format_for(target, format) == "torch":
+        _save_torch(
+            target, state, rng=rng, allow_pickle=allow_pickle, metrics=metrics, metadata=metadata
+        )
+        return target
+    snapshot = take_snapshot(
+        state, rng=rng, allow_pickle=allow_pickle, metrics=metrics, metadata=metadata
+    )
+    return write_native(snapshot, target, max_shard_size=max_shard_size)
+
+
+def load_checkpoint(
+    path: PathLike,
+    /,
+    *,
+    rng: bool = True,
+    verify: bool = False,
+    trust: bool = False,
+    strict: bool = True,
+    device: str | torch.device = "cpu",
+    **targets: object,
+) -> dict[str, Any]:
+    """Load a training state, restoring the objects passed as keywords in place.
+
+    Modules get their weights (``module.``/``_orig_mod.`` prefixes are matched either way);
+    optimizers, schedulers, scalers, generators and other ``Stateful`` objects their
+    ``load_state_dict``; tensors are copied into. A Namespace or dataclass passed as a target
+    shapes the value returned. Every target is checked before any is changed.
+
+    Args:
+        path: a native checkpoint folder or a ``.pt`` file (read through the safe unpickler).
+        rng: restore the saved RNG states.
+        verify: hash every tensor against the checksum recorded at save time.
+        trust: allow pickled objects (``allow_pickle=True`` saves, untrusted ``.pt`` globals).
+        strict: refuse module states whose names or shapes do not match exactly.
+        device: where returned tensors go (restored objects keep their own devices).
+        **targets: objects to restore, by entry name.
+
+    Returns:
+        ``{name: value}`` for every entry not restored in place.
+
+    Raises:
+        CheckpointNotFoundError: nothing at ``path``.
+        CorruptFileError: not committed, truncated or inconsistent.
+        ChecksumError: with ``verify``, a tensor's bytes changed since it was saved.
+        UnsafeFileError: pickled content without ``trust=True``.
+        KeyMismatchError: a target has no entry, or a module's names do not match.
+
+    Example:
+        >>> extra = load_checkpoint("ckpt/epoch-3", model=model, optimizer=opt)
+        >>> extra["epoch"]
+        3
+    """
+    source = Path(path)
+    if source.name == MANIFEST and source.is_file():
+        source = source.parent
+    if not source.exists():
+        raise CheckpointNotFoundError(f"no checkpoint at {str(source)!r}: the path does not exist")
+    if source.is_dir():
+        values, rng_state = _decode_native(source, verify=verify, trust=trust, rng=rng)
+    else:
+        values, rng_state = _decode_torch(source, targets, verify=verify, trust=trust, rng=rng)
+    return _restore(values, targets, rng_state=rng_state, strict=strict, device=device, path=source)
+
+
+__all__ = [
+    "CheckpointWriteError",
+    "NativeCheckpoint",
+    "StagingPool",
+    "UnsupportedValueError",
+    "load_checkpoint",
+    "read_manifest",
+    "save_checkpoint",
+    "take_snapshot",
+    "write_native",
+]
