@@ -1,9 +1,10 @@
 """torchkeep, end to end: `make demo` runs this.
 
-Trains the tutorials' small CNN on synthetic data, then saves and loads its weights the ways
-people need to: any format, through DataParallel and torch.compile prefixes, into a model with
-a new head, from a tutorial-style checkpoint dict, refusing a booby-trapped pickle, out of a
-whole-model pickle whose class is gone, and exported for deployment.
+Trains the tutorials' small CNN on synthetic data with a CheckpointManager, is killed mid-run,
+resumes and matches an uninterrupted run bit for bit. Then saves and loads the weights the
+ways people need to: any format, through DataParallel and torch.compile prefixes, into a model
+with a new head, from a tutorial-style checkpoint dict, refusing a booby-trapped pickle, out of
+a whole-model pickle whose class is gone, and exported for deployment.
 Everything it writes goes to ./demo-output.
 """
 
@@ -13,8 +14,11 @@ import importlib
 import importlib.util
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,18 +66,6 @@ def synthetic_batches(steps: int, seed: int = 0) -> list[tuple[torch.Tensor, tor
     return batches
 
 
-def train(model: nn.Module, steps: int) -> float:
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    loss = torch.tensor(0.0)
-    for images, labels in synthetic_batches(steps):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-    return float(loss.detach())
-
-
 def pickle_with_vanished_class(model: nn.Module) -> Path:
     """torch.save a model whose class lives in a module that is then deleted."""
     project = OUT / "old_project"
@@ -102,14 +94,116 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+# ----------------------------------------------------------------- training that can resume
+
+EPOCHS = 4
+BATCHES_PER_EPOCH = 6
+
+
+def build_run() -> tuple[nn.Module, torch.optim.Optimizer, Any, torch.Generator, list]:
+    """Model, Adam, a step LR schedule and a shuffling DataLoader's generator, all seeded."""
+    torch.set_num_threads(1)  # the same reduction order in every process
+    torch.manual_seed(0)
+    model = CNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=8, gamma=0.5)
+    generator = torch.Generator().manual_seed(42)
+    images, labels = zip(*synthetic_batches(BATCHES_PER_EPOCH, seed=1), strict=True)
+    dataset = torch.utils.data.TensorDataset(torch.cat(images), torch.cat(labels))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True, generator=generator)
+    return model, optimizer, scheduler, generator, [loader]
+
+
+def train_epochs(
+    first_epoch: int,
+    run: tuple[nn.Module, torch.optim.Optimizer, Any, torch.Generator, list],
+    manager: tk.CheckpointManager | None = None,
+    crash_at_step: int | None = None,
+) -> list[float]:
+    """Train from ``first_epoch`` to the end, saving each epoch; return the losses."""
+    model, optimizer, scheduler, generator, (loader,) = run
+    losses: list[float] = []
+    for epoch in range(first_epoch, EPOCHS):
+        model.train()  # dropout-free CNN, but batch norm uses batch statistics here
+        for step, (images, labels) in enumerate(loader, start=epoch * BATCHES_PER_EPOCH):
+            if step == crash_at_step:
+                print(f"  [child] killing itself with SIGKILL at step {step}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+        if manager is not None:
+            # blocking=False: the state is snapshotted now, written in the background.
+            manager.save(
+                epoch + 1,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                loader_generator=generator,
+                losses=losses,
+                metrics={"loss": losses[-1]},
+                blocking=False,
+            )
+    if manager is not None:
+        manager.wait()
+    return losses
+
+
+def crashing_child(run_dir: str, crash_at_step: int) -> None:
+    manager = tk.CheckpointManager(run_dir, keep_last=2)
+    train_epochs(0, build_run(), manager, crash_at_step)
+
+
+def crash_and_resume() -> nn.Module:
+    section("train with checkpoints, get killed, resume exactly")
+    run_dir = OUT / "run"
+    crash_step = 2 * BATCHES_PER_EPOCH + 3  # in the middle of the third epoch
+    child = subprocess.run(
+        [sys.executable, __file__, "--crash-child", str(run_dir), str(crash_step)], check=False
+    )
+    print(f"  child exited with signal {-child.returncode} (SIGKILL); checkpoints left:")
+    manager = tk.CheckpointManager(run_dir, keep_last=2)
+    for checkpoint in manager.checkpoints():
+        print(f"    step {checkpoint.step}: {checkpoint.path.name}  metrics {checkpoint.metrics}")
+
+    run = build_run()  # fresh objects, as a new process would have
+    model, optimizer, scheduler, generator, _ = run
+    restored = manager.restore(
+        model=model, optimizer=optimizer, scheduler=scheduler, loader_generator=generator
+    )
+    assert restored is not None
+    epoch = manager.latest()
+    assert epoch is not None
+    print(f"  resumed from epoch {epoch} (lr now {scheduler.get_last_lr()[0]:.2e})")
+    resumed_losses = restored["losses"] + train_epochs(epoch, run)
+
+    reference_run = build_run()
+    reference_losses = train_epochs(0, reference_run)
+    same_losses = resumed_losses == reference_losses
+    same_params = same_weights(model, reference_run[0])
+    same_optimizer = all(
+        torch.equal(a, b)
+        for s1, s2 in zip(
+            optimizer.state_dict()["state"].values(),
+            reference_run[1].state_dict()["state"].values(),
+            strict=True,
+        )
+        for a, b in zip(s1.values(), s2.values(), strict=True)
+    )
+    print(f"  {len(reference_losses)} losses identical to an uninterrupted run: {same_losses}")
+    print(f"  parameters bit-identical: {same_params}; Adam state bit-identical: {same_optimizer}")
+    if not (same_losses and same_params and same_optimizer):
+        raise SystemExit("resume was not exact")
+    return model
+
+
 def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir()
-    torch.manual_seed(0)
-
-    section("train a small CNN on synthetic data")
-    model = CNN()
-    print(f"final training loss after 60 steps: {train(model, 60):.3f}")
+    model = crash_and_resume()
 
     section("save: the format comes from the suffix; writes are atomic")
     for name in ("cnn.safetensors", "cnn.pt"):
@@ -226,4 +320,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 4 and sys.argv[1] == "--crash-child":
+        crashing_child(sys.argv[2], int(sys.argv[3]))
+    else:
+        main()

@@ -464,7 +464,7 @@ def load(
 # ------------------------------------------------------------------------------------ inspect
 
 
-def _short(value: Any, limit: int = 80) -> str:
+def _short(value: Any, limit: int = 100) -> str:
     if isinstance(value, Mapping):
         text = f"dict with {len(value)} keys"
     elif isinstance(value, (list, tuple)) and len(value) > 8:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, UnknownFormatError
 from torchkeep.formats._base import Format, OpenOptions, Source
+from torchkeep.formats.native import NativeFormat
 from torchkeep.formats.safetensors import SafetensorsFormat
 from torchkeep.formats.sharded import ShardedFormat
 from torchkeep.formats.torch_pickle import PlainPickleFormat, TorchLegacyFormat, TorchZipFormat
@@ -33,6 +34,7 @@ TORCH_ZIP = TorchZipFormat()
 TORCH_LEGACY = TorchLegacyFormat()
 PICKLE = PlainPickleFormat()
 SHARDED = ShardedFormat(open_source)
+NATIVE = NativeFormat()
 
 # Order matters: the most specific signatures first; plain pickle last, as it matches any
 # protocol-2+ pickle (the legacy torch layout starts with one too).
@@ -57,6 +59,8 @@ def detect(path: Path) -> tuple[Path, Format]:
     if not path.exists():
         raise CheckpointNotFoundError(_not_found_message(path))
     if path.is_dir():
+        if NATIVE.sniff(path, b""):
+            return path, NATIVE
         if SHARDED.sniff(path, b""):
             return path, SHARDED
         for name in _FOLDER_FILES:
@@ -64,7 +68,8 @@ def detect(path: Path) -> tuple[Path, Format]:
                 return detect(path / name)
         raise CheckpointNotFoundError(
             f"folder {str(path)!r} holds no weights torchkeep recognises: expected a "
-            f"*.index.json weight map or one of {', '.join(_FOLDER_FILES)}"
+            f"checkpoint.json, a *.index.json weight map or one of {', '.join(_FOLDER_FILES)}"
+            + _folder_hint(path)
         )
     if path.name.endswith(".index.json"):
         return path, SHARDED
@@ -118,3 +123,15 @@ def _not_found_message(path: Path) -> str:
     else:
         message += f" (nor does its folder {str(parent)!r}; current folder: {os.getcwd()!r})"
     return message
+
+
+def _folder_hint(path: Path) -> str:
+    steps = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    if steps:
+        return (
+            f". It looks like a CheckpointManager folder ({len(steps)} step folders); load one "
+            f"of them, e.g. {str(path / steps[-1])!r}, or use CheckpointManager(path).restore()"
+        )
+    if any(p.name.startswith(".") and "tmp-torchkeep" in p.name for p in path.iterdir()):
+        return ". It holds only unfinished temporary files from an interrupted save"
+    return ""
