@@ -29,6 +29,7 @@ from torchkeep.errors import CheckpointWriteError as CheckpointWriteError
 from torchkeep.errors import ChecksumError as ChecksumError
 from torchkeep.errors import CorruptFileError as CorruptFileError
 from torchkeep.errors import DeviceError as DeviceError
+from torchkeep.errors import DownloadError as DownloadError
 from torchkeep.errors import ExportError as ExportError
 from torchkeep.errors import InvalidStateError as InvalidStateError
 from torchkeep.errors import KeyMismatchError as KeyMismatchError
@@ -61,6 +62,7 @@ __all__ = [
     "ChecksumError",
     "CorruptFileError",
     "DeviceError",
+    "DownloadError",
     "ExportError",
     "ExportResult",
     "InvalidStateError",

@@ -174,7 +174,7 @@ def save_model(
         "torch": torch.__version__,
     }
     text = {**(metadata or {}), MODEL_KEY: json.dumps(record, sort_keys=True)}
-    return save(module, target, metadata=text, max_shard_size=max_shard_size)
+    return Path(save(module, target, metadata=text, max_shard_size=max_shard_size))
 
 
 # ------------------------------------------------------------------------------- load_model

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 from torchkeep._info import CheckpointInfo
+from torchkeep._locate import needs_staging, readable, writable
+from torchkeep._assign import assign_into, cast_floating
 from torchkeep._keys import Patterns, RenameRules, plan_keys, strip_compile_segments
 from torchkeep._report import LoadReport, ShapeMismatch
 from torchkeep._tensors import (
@@ -147,7 +149,7 @@ def save(
     metadata: Mapping[str, str] | None = None,
     max_shard_size: int | str | None = None,
     durable: bool = True,
-) -> Path:
+) -> Path | str:
     """Save a model's weights or a state dict, atomically.
 
     The format comes from the suffix: ``.safetensors`` (recommended) or ``.pt``/``.pth``/
@@ -162,7 +164,9 @@ def save(
 
     Args:
         obj: an ``nn.Module`` or a ``{name: tensor}`` mapping.
-        path: destination file (or folder, when sharded).
+        path: destination file (or folder, when sharded), or an fsspec URL
+            (``s3://bucket/model.safetensors``): written locally, then uploaded with the
+            folder's index uploaded last.
         format: ``"safetensors"``, ``"torch"``, ``"torch-legacy"`` or ``"sharded"``, to
             override the suffix.
         metadata: strings stored with the tensors (safetensors ``__metadata__``).
@@ -170,7 +174,7 @@ def save(
         durable: fsync before and after the rename (turn off only for scratch files).
 
     Returns:
-        The path written.
+        The path (or URL) written.
 
     Raises:
         InvalidStateError: ``obj`` holds no tensors, holds non-tensors, or is the
@@ -179,6 +183,10 @@ def save(
     Example:
         >>> torchkeep.save(model, "model.safetensors")
     """
+    if needs_staging(path):
+        with writable(path) as local:
+            save(obj, local, format=format, metadata=metadata, max_shard_size=max_shard_size)
+        return os.fspath(path)
     target = Path(path)
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     fmt = for_writing(target, format, sharded=shard_bytes is not None)
@@ -296,6 +304,9 @@ def load_state_dict(
     trust: bool = False,
     allow_globals: Iterable[str] = (),
     verify: bool = False,
+    dtype: torch.dtype | None = None,
+    sha256: str | None = None,
+    check_hash: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Read the weights in any supported file as a flat ``{name: tensor}`` dict.
 
@@ -311,11 +322,29 @@ def load_state_dict(
         trust: unpickle without the allowlist. Only for files whose author you trust.
         allow_globals: extra ``"module.name"`` globals the allowlist accepts.
         verify: check stored checksums (safetensors written by torchkeep, zip CRCs).
+        dtype: cast floating-point tensors to this dtype (integer buffers keep theirs).
+        sha256: the file's expected SHA-256 (hex, or a prefix of it).
+        check_hash: take the expected hash prefix from the file name (torch.hub style,
+            ``name-<hex>.pth``).
+
+    ``path`` may be an ``http(s)://`` URL (downloaded once into ``$TORCHKEEP_CACHE``) or an
+    fsspec URL (``s3://...``).
 
     Raises:
         CheckpointNotFoundError, CorruptFileError, UnknownFormatError, UnsafeFileError,
-        DeviceError: see :mod:`torchkeep.errors`.
+        DeviceError, ChecksumError, DownloadError: see :mod:`torchkeep.errors`.
     """
+    if needs_staging(path, sha256, check_hash):
+        with readable(path, sha256=sha256, check_hash=check_hash) as local:
+            return load_state_dict(
+                local,
+                device=device,
+                entry=entry,
+                trust=trust,
+                allow_globals=allow_globals,
+                verify=verify,
+                dtype=dtype,
+            )
     with _open(path, device=device, trust=trust, allow_globals=allow_globals) as source:
         chosen = default_entry(source, entry)
         if verify:
@@ -325,7 +354,7 @@ def load_state_dict(
         for name in source.entries()[chosen]:
             target = aliases.get(name)
             out[name] = out[target] if target in out else source.get(chosen, name)
-        return out
+        return out if dtype is None else cast_floating(out, dtype)
 
 
 def _choose_entry(
@@ -365,6 +394,10 @@ def load(
     trust: bool = False,
     allow_globals: Iterable[str] = (),
     verify: bool = False,
+    dtype: torch.dtype | None = None,
+    assign: bool = False,
+    sha256: str | None = None,
+    check_hash: bool = False,
 ) -> LoadReport:
     """Load the weights in any supported file into ``model``, in place.
 
@@ -390,6 +423,18 @@ def load(
         trust: unpickle without the allowlist. Only for files whose author you trust.
         allow_globals: extra ``"module.name"`` globals the allowlist accepts.
         verify: check stored checksums before loading.
+        dtype: cast the model's floating-point parameters and buffers to this dtype first
+            (``torch.bfloat16``); the file's tensors are cast as they are read.
+        assign: low-memory loading. Instead of copying into the model's tensors, each one is
+            replaced by the tensor read from the file (``load_state_dict(assign=True)``), so a
+            model built on the meta device (``with torch.device("meta"): model = Net()``)
+            never allocates its own weights: peak memory stays near one copy of them. Tensors
+            are created on ``device`` (default CPU) in the model's dtype (or ``dtype``).
+        sha256: the file's expected SHA-256 (hex, or a prefix of it).
+        check_hash: take the expected hash prefix from the file name (torch.hub style).
+
+    ``path`` may be an ``http(s)://`` URL (downloaded once into ``$TORCHKEEP_CACHE``) or an
+    fsspec URL (``s3://...``).
 
     Returns:
         A :class:`~torchkeep.LoadReport` of what was loaded, missing, unexpected, mismatched,
@@ -406,13 +451,36 @@ def load(
             f"load() takes an nn.Module to load into, got a {type(model).__name__}; "
             "use torchkeep.load_state_dict(path) to get the tensors as a dict"
         )
+    if needs_staging(path, sha256, check_hash):
+        with readable(path, sha256=sha256, check_hash=check_hash) as local:
+            report = load(
+                model,
+                local,
+                strict=strict,
+                device=device,
+                rename=rename,
+                include=include,
+                exclude=exclude,
+                entry=entry,
+                trust=trust,
+                allow_globals=allow_globals,
+                verify=verify,
+                dtype=dtype,
+                assign=assign,
+            )
+        return dataclasses.replace(report, path=os.fspath(path))
     read_device: Device = None
     if isinstance(device, Mapping):
         read_device = device
     elif device is not None:
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise DeviceError(f"cannot move the model to {device}: CUDA is not available here")
-        model.to(device)
+        if assign:
+            read_device = device
+        else:
+            model.to(device)
+    if dtype is not None:
+        model.to(dtype)  # floating-point tensors only; works on meta models too
     dest = _destination(model)
     rules: dict[str, Any] = {"rename": rename, "include": include, "exclude": exclude}
     with _open(
@@ -455,6 +523,9 @@ def load(
             )
         if verify:
             source.verify(chosen)
+        if assign:
+            assign_into(model, source, chosen, fits, dest)
+            return report
         with torch.no_grad():
             for dst, src in fits:
                 source.read_into(chosen, src, dest[dst])
@@ -500,6 +571,10 @@ def inspect(
     Returns:
         A :class:`~torchkeep.CheckpointInfo`.
     """
+    if needs_staging(path):
+        with readable(path, header_only=True) as local:
+            info = inspect(local, entry=entry, trust=trust, allow_globals=allow_globals)
+        return dataclasses.replace(info, path=os.fspath(path))
     where = Path(os.fspath(path))
     options = OpenOptions(device="meta", trust=trust, allow_globals=tuple(allow_globals))
     with open_source(where, options) as source:

@@ -80,6 +80,10 @@ class CheckpointWriteError(TorchkeepError, OSError):
     """Writing a checkpoint failed (disk full, I/O error); nothing was committed."""
 
 
+class DownloadError(TorchkeepError, ConnectionError):
+    """A download failed or stopped early; nothing was cached."""
+
+
 class KeyMismatchError(TorchkeepError, KeyError):
     """A strict load found missing, unexpected or shape-mismatched keys.
 
@@ -103,6 +107,7 @@ __all__ = [
     "ChecksumError",
     "CorruptFileError",
     "DeviceError",
+    "DownloadError",
     "InvalidStateError",
     "ExportError",
     "KeyMismatchError",
