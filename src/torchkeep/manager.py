@@ -1,15 +1,16 @@
 """CheckpointManager: numbered checkpoints in one folder, retention, async saves, resume.
 
 Layout: ``<dir>/step-00000120/`` per checkpoint, each a native checkpoint folder committed by
-an atomic rename (see :mod:`torchkeep.checkpoint`). Everything the manager knows is read back
-from the folder, so a new manager after a restart governs the older checkpoints too.
+an atomic rename (see :mod:`torchkeep.checkpoint`), or, in a distributed run, a
+torch.distributed.checkpoint folder committed by rank 0 (see :mod:`torchkeep._dcp`). ``dir``
+may be an fsspec URL (``s3://bucket/run``): files are uploaded first and the commit marker
+last (see :mod:`torchkeep._steps`). Everything the manager knows is read back from the
+folder, so a new manager after a restart governs the older checkpoints too.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import threading
 import warnings
 from collections.abc import Mapping
@@ -19,14 +20,13 @@ from typing import Any, Literal
 
 import torch
 
+from torchkeep._steps import LocalSteps, Location, RemoteSteps, Steps
 from torchkeep._tree import Unflattener
 from torchkeep.checkpoint import (
     DEFAULT_SHARD_SIZE,
-    MANIFEST,
     Snapshot,
     StagingPool,
     load_checkpoint,
-    read_manifest,
     take_snapshot,
     write_native,
 )
@@ -43,9 +43,7 @@ from torchkeep.retention import (
     ranked,
     to_delete,
 )
-from torchkeep.storage.local import TEMP_MARKER, temp_sibling
-
-_STEP_DIR = re.compile(r"step-(\d+)")
+from torchkeep.storage.remote import is_remote, local_path
 
 
 def _no_tensors(name: str) -> torch.Tensor:
@@ -64,9 +62,15 @@ class CheckpointManager:
         keep_every: also keep every checkpoint whose step is a multiple of this.
         policy: a retention policy object instead of the keyword shortcuts.
         max_shard_size: largest safetensors shard of each checkpoint.
+        distributed: save through torch.distributed.checkpoint (every rank writes its
+            shards, rank 0 commits). None (the default) decides per save: yes when a process
+            group is initialized and a module is DDP or holds DTensors (FSDP2). Restoring
+            follows what each checkpoint is, and reshards to the current world size.
+        storage_options: fsspec options for a URL ``directory`` (``{"endpoint_url": ...}``).
 
     With no policy and no shortcut every checkpoint is kept. The newest checkpoint is never
-    deleted. One process should write to a folder at a time.
+    deleted. One process (in a distributed run: one job, every rank calling ``save`` and
+    ``restore`` in the same order) should write to a folder at a time.
 
     Example:
         >>> mgr = CheckpointManager("runs/exp1", keep_last=3, keep_best=1, monitor="val_loss")
@@ -85,10 +89,22 @@ class CheckpointManager:
         keep_every: int | None = None,
         policy: RetentionPolicy | None = None,
         max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+        distributed: bool | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        self.directory = Path(directory)
+        self.directory: Path | str
+        self._steps: Steps
+        if is_remote(directory):
+            self.directory = str(directory).rstrip("/")
+            self._steps = RemoteSteps(self.directory, storage_options)
+        else:
+            self.directory = Path(local_path(directory))
+            self._steps = LocalSteps(self.directory)
+        self._storage_options = dict(storage_options or {})
+        self._distributed = distributed
+        self._group: Any = None
         self.monitor = monitor
         self.mode: Mode = mode
         self.policy = self._policy(keep_last, keep_best, keep_every, policy)
@@ -97,7 +113,6 @@ class CheckpointManager:
         self._pending: Future[Path] | None = None
         self._lock = threading.RLock()
         self._staging = StagingPool()
-        self._metrics: dict[str, tuple[tuple[int, int], dict[str, float]]] = {}
         self._closed = False
 
     def _policy(
@@ -124,20 +139,12 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------- listing
 
-    def path(self, step: int) -> Path:
-        """The folder of ``step``'s checkpoint (``step-00000120``)."""
-        return self.directory / f"step-{step:08d}"
+    def path(self, step: int) -> Location:
+        """The folder (or URL) of ``step``'s checkpoint (``step-00000120``)."""
+        return self._steps.location(step)
 
-    def _committed(self) -> list[tuple[int, Path]]:
-        if not self.directory.is_dir():
-            return []
-        found = []
-        for entry in self.directory.iterdir():
-            match = _STEP_DIR.fullmatch(entry.name)
-            # Without checkpoint.json a folder was never committed: it is torn, not a step.
-            if match and (entry / MANIFEST).is_file():
-                found.append((int(match.group(1)), entry))
-        return sorted(found)
+    def _committed(self) -> list[tuple[int, Location]]:
+        return self._steps.committed()
 
     def steps(self) -> list[int]:
         """The steps of every committed checkpoint, oldest first (torn folders skipped)."""
@@ -148,20 +155,13 @@ class CheckpointManager:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def _read_metrics(self, path: Path) -> dict[str, float]:
+    def _read_metrics(self, path: Location) -> dict[str, float]:
         try:
-            stat = (path / MANIFEST).stat()
-            key = (stat.st_ino, stat.st_mtime_ns)
-            cached = self._metrics.get(path.name)
-            if cached is not None and cached[0] == key:
-                return cached[1]
-            raw = read_manifest(path).get("metrics") or {}
+            raw = self._steps.record(path).get("metrics") or {}
             metrics = Unflattener(_no_tensors, where=str(path)).decode(raw, "metrics")
-        except (OSError, TorchkeepError):
+        except (OSError, ValueError, TorchkeepError):
             return {}  # unreadable: it is kept or dropped by step alone
-        metrics = metrics if isinstance(metrics, dict) else {}
-        self._metrics[path.name] = (key, metrics)
-        return metrics
+        return metrics if isinstance(metrics, dict) else {}
 
     def checkpoints(self) -> list[Checkpoint]:
         """Every committed checkpoint with its step, folder and saved metrics."""
@@ -225,6 +225,24 @@ class CheckpointManager:
             if self._closed:
                 raise RuntimeError("this CheckpointManager is closed")
             self._finish()
+            if self._uses_dcp(state):
+                if allow_pickle:
+                    raise ValueError("distributed checkpoints hold no pickle: allow_pickle=True")
+                from torchkeep import _dcp
+
+                dist_snapshot = _dcp.take_snapshot(
+                    state,
+                    step=step,
+                    rng=rng,
+                    metrics=metrics,
+                    metadata=metadata,
+                    copy=not blocking,
+                    group=self._dcp_group(),
+                )
+                self._pending = self._executor.submit(self._commit_dcp, dist_snapshot, step)
+                if blocking:
+                    self._finish()
+                return self.path(step)
             snapshot = take_snapshot(
                 state,
                 step=step,
@@ -239,33 +257,49 @@ class CheckpointManager:
                 self._finish()
         return self.path(step)
 
-    def _commit(self, snapshot: Snapshot, step: int) -> Path:
-        target = self.path(step)
-        if target.is_dir() and not (target / MANIFEST).is_file():
-            shutil.rmtree(target)  # a torn folder of this step: never a checkpoint
-        path = write_native(snapshot, target, max_shard_size=self._max_shard_size)
-        # Only after a successful commit: a failed save must never cost an older checkpoint.
-        self._remove_torn()
-        for checkpoint in to_delete(self.policy, self.checkpoints(), protect={step}):
-            self._delete(checkpoint.path)
+    def _uses_dcp(self, state: Mapping[str, object]) -> bool:
+        if self._distributed is not None:
+            return self._distributed
+        distributed = torch.distributed
+        if not (distributed.is_available() and distributed.is_initialized()):
+            return False  # without a group: no need to import DCP (most of a second)
+        from torchkeep import _dcp
+
+        return _dcp.wants_dcp(state, None)
+
+    def _dcp_group(self) -> Any:
+        """A gloo group of its own, so background saves never interleave with training's."""
+        from torchkeep import _dcp
+
+        if self._group is None and _dcp.group_active():
+            import torch.distributed as dist
+
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def _commit(self, snapshot: Snapshot, step: int) -> Location:
+        path = self._steps.write_native(snapshot, step, self._max_shard_size, write_native)
+        self._retain(step)
         return path
 
-    def _remove_torn(self) -> None:
-        for entry in self.directory.iterdir():
-            hidden = entry.name.startswith(".step-") and TEMP_MARKER in entry.name
-            torn = _STEP_DIR.fullmatch(entry.name) and not (entry / MANIFEST).is_file()
-            if (hidden or torn) and entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
+    def _commit_dcp(self, snapshot: Any, step: int) -> Location:
+        from torchkeep import _dcp
 
-    def _delete(self, path: Path) -> None:
-        # Renamed out of sight first, so a crash mid-deletion never leaves a torn step folder.
-        try:
-            hidden = temp_sibling(path)
-            os.replace(path, hidden)
-        except OSError as exc:
-            warnings.warn(f"retention could not delete {path}: {exc}", RuntimeWarning, stacklevel=2)
-            return
-        shutil.rmtree(hidden, ignore_errors=True)
+        rank0 = not _dcp.group_active() or _dcp.dist.get_rank(self._group) == 0
+        if rank0:
+            self._steps.prepare(step)
+        location = _dcp.write(
+            snapshot, self.path(step), group=self._group, options=self._storage_options
+        )
+        if rank0:
+            self._retain(step)
+        return location
+
+    def _retain(self, step: int) -> None:
+        # Only after a successful commit: a failed save must never cost an older checkpoint.
+        self._steps.remove_torn()
+        for checkpoint in to_delete(self.policy, self.checkpoints(), protect={step}):
+            self._steps.delete(checkpoint.path)
 
     def _finish(self) -> None:
         with self._lock:
@@ -325,15 +359,36 @@ class CheckpointManager:
             raise ValueError(f"which must be 'latest', 'best' or a step, got {which!r}")
         if step is None:
             return None
-        return load_checkpoint(
-            self.path(step),
-            verify=verify,
-            trust=trust,
-            strict=strict,
-            rng=rng,
-            device=device,
-            **targets,
-        )
+        location = self.path(step)
+        if self._steps.is_distributed(location):
+            from torchkeep import _dcp
+
+            if verify:
+                warnings.warn(
+                    "verify=True has no effect on distributed checkpoints: DCP stores no "
+                    "checksums",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return _dcp.restore(
+                location,
+                targets,
+                strict=strict,
+                rng=rng,
+                device=device,
+                group=self._dcp_group(),
+                options=self._storage_options,
+            )
+        with self._steps.local_copy(location) as local:
+            return load_checkpoint(
+                local,
+                verify=verify,
+                trust=trust,
+                strict=strict,
+                rng=rng,
+                device=device,
+                **targets,
+            )
 
     def close(self) -> None:
         """Wait for the save in flight (raising its error) and stop the writer thread."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, UnknownFormatError
 from torchkeep.formats._base import Format, OpenOptions, Source
+from torchkeep.formats.dcp import DcpFormat
 from torchkeep.formats.native import NativeFormat
 from torchkeep.formats.safetensors import SafetensorsFormat
 from torchkeep.formats.sharded import ShardedFormat
@@ -35,6 +36,7 @@ TORCH_LEGACY = TorchLegacyFormat()
 PICKLE = PlainPickleFormat()
 SHARDED = ShardedFormat(open_source)
 NATIVE = NativeFormat()
+DCP = DcpFormat()
 
 # Order matters: the most specific signatures first; plain pickle last, as it matches any
 # protocol-2+ pickle (the legacy torch layout starts with one too).
@@ -63,6 +65,8 @@ def detect(path: Path) -> tuple[Path, Format]:
             return path, NATIVE
         if SHARDED.sniff(path, b""):
             return path, SHARDED
+        if DCP.sniff(path, b""):
+            return path, DCP
         for name in _FOLDER_FILES:
             if (path / name).is_file():
                 return detect(path / name)

@@ -1,0 +1,373 @@
+"""Distributed training checkpoints: torch.distributed.checkpoint (DCP) underneath.
+
+Every rank writes its own shards of the model and optimizer state (DDP replicas are written
+once, FSDP2 ``DTensor`` shards by their owners); the state comes from
+``torch.distributed.checkpoint.state_dict.get_model_state_dict`` /
+``get_optimizer_state_dict``, so names are plain FQNs whatever the wrapping. The non-tensor
+part (hyperparameters, step counters, plain values, metrics, every rank's RNG state) is JSON
+in torchkeep's commit marker ``torchkeep-dcp.json``, written by rank 0 after a barrier once
+every rank finished: no pickle is written or read.
+
+Committing, on a local (or shared) filesystem: rank 0 creates a hidden temporary folder and
+tells the others its name; all ranks write into it; after a barrier rank 0 writes the marker,
+fsyncs and renames the folder into place. On an fsspec URL the folder is written in place and
+the marker written last. Either way a rank that dies mid-save leaves no marker, and the
+previous checkpoint stays the latest.
+
+Loading reshards: each rank asks DCP for the pieces its own (possibly differently sharded)
+tensors need, so a checkpoint saved by 2 ranks loads on 1, 3 or 4.
+
+``dcp_to_safetensors`` / ``safetensors_to_dcp`` (in :mod:`torchkeep._dcp_convert`) convert
+between a DCP folder and one safetensors file, one tensor in memory at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from torchkeep import _state
+from torchkeep._dcp_convert import dcp_to_safetensors, safetensors_to_dcp
+from torchkeep._dcp_io import (
+    FORMAT,
+    MARKER,
+    VERSION,
+    Location,
+    empty_like_stored,
+    encode,
+    quiet,
+    read_marker,
+    reader,
+    tensor_names,
+    write_marker_file,
+    writer,
+)
+from torchkeep._tree import Unflattener, map_tensors
+from torchkeep.checkpoint import _check_name, _now, _number, _plain_json
+from torchkeep.errors import InvalidStateError, KeyMismatchError
+from torchkeep.storage.local import atomic_dir
+from torchkeep.storage.remote import COMMIT_MARKERS, RemoteFolder, split_url
+
+Group = Any  # a torch.distributed ProcessGroup, or None for the default one
+
+
+def group_active() -> bool:
+    """Whether this process belongs to an initialized torch.distributed process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank(group: Group) -> int:
+    return dist.get_rank(group) if group_active() else 0
+
+
+def _world(group: Group) -> int:
+    return dist.get_world_size(group) if group_active() else 1
+
+
+def _barrier(group: Group) -> None:
+    if group_active():
+        dist.barrier(group=group)
+
+
+def is_distributed_module(module: torch.nn.Module) -> bool:
+    """DistributedDataParallel, or a module holding DTensor parameters (FSDP2, TP)."""
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        return True
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def wants_dcp(state: Mapping[str, object], distributed: bool | None) -> bool:
+    """Whether a save of ``state`` goes through DCP (explicit, or a distributed model)."""
+    if distributed is not None:
+        return distributed
+    return group_active() and any(
+        isinstance(v, torch.nn.Module) and is_distributed_module(v) for v in state.values()
+    )
+
+
+def _owner(
+    optimizer: torch.optim.Optimizer, modules: Mapping[str, torch.nn.Module], name: str
+) -> torch.nn.Module:
+    """The module whose parameters ``optimizer`` updates."""
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for module in modules.values():
+        if any(id(p) in owned for p in module.parameters()):
+            return module
+    raise InvalidStateError(
+        f"the optimizer {name}= updates parameters of no model in this call; a distributed "
+        "checkpoint names optimizer state by parameter name, so pass its model too "
+        "(model=..., optimizer=...)"
+    )
+
+
+def _modules(state: Mapping[str, object]) -> dict[str, torch.nn.Module]:
+    return {n: v for n, v in state.items() if isinstance(v, torch.nn.Module)}
+
+
+# ------------------------------------------------------------------------------------ save
+
+
+@dataclass
+class DcpSnapshot:
+    """A state captured for a DCP save: this rank's tensors and rank 0's marker."""
+
+    marker: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def take_snapshot(
+    state: Mapping[str, object],
+    *,
+    step: int | None,
+    rng: bool,
+    metrics: Mapping[str, object] | None,
+    metadata: Mapping[str, object] | None,
+    copy: bool,
+    group: Group = None,
+) -> DcpSnapshot:
+    """Capture ``state`` on this rank (a collective: every rank calls it, in the same order).
+
+    Args:
+        copy: clone every tensor, so training may change them while a background thread
+            writes (asynchronous saves); otherwise the live tensors are written.
+    """
+    if not state:
+        raise InvalidStateError("nothing to save: pass the state as keywords, model=..., ...")
+    modules = _modules(state)
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, Any] = {}
+    for name, value in state.items():
+        _check_name(name)
+        if isinstance(value, torch.nn.Module):
+            kind, captured = "module", get_model_state_dict(value)
+        elif isinstance(value, torch.optim.Optimizer):
+            owner = _owner(value, modules, name)
+            kind, captured = "optimizer", get_optimizer_state_dict(owner, value)
+        else:
+            kind, captured, _ = _state.capture(value)
+        node = encode(captured, name, tensors)
+        entries[name] = {"kind": kind, "type": _state.type_name(value), "value": node}
+    rank = _rank(group)
+    rng_nodes: list[Any] = []
+    if rng:
+        node = encode(_state.capture_rng(), f"__rng__.{rank}", tensors)
+        rng_nodes = [None] * _world(group)
+        if group_active():
+            dist.all_gather_object(rng_nodes, node, group=group)
+        else:
+            rng_nodes = [node]
+    if copy:
+        tensors = {name: t.detach().clone() for name, t in tensors.items()}
+    marker = {
+        "format": FORMAT,
+        "version": VERSION,
+        "id": uuid.uuid4().hex,
+        "torch_version": str(torch.__version__),
+        "created": _now(),
+        "step": step,
+        "world_size": _world(group),
+        "metrics": {k: _plain_json(_number(k, v), "metrics") for k, v in (metrics or {}).items()},
+        "metadata": _plain_json(dict(metadata or {}), "metadata"),
+        "state": entries,
+        "rng": rng_nodes or None,
+    }
+    return DcpSnapshot(marker, tensors)
+
+
+def write(
+    snapshot: DcpSnapshot,
+    location: Location,
+    *,
+    group: Group = None,
+    options: Mapping[str, Any] | None = None,
+) -> Location:
+    """Write a snapshot as a DCP checkpoint at ``location`` and commit it (collective).
+
+    Raises:
+        CheckpointWriteError, CheckpointException: a rank failed; nothing was committed.
+    """
+    rank = _rank(group)
+    no_dist = not group_active()
+    if isinstance(location, Path):
+        with contextlib.ExitStack() as stack:
+            names: list[Any] = [None]
+            if rank == 0:
+                names[0] = str(stack.enter_context(atomic_dir(location)))
+            if group_active():
+                dist.broadcast_object_list(names, src=dist.get_global_rank(group, 0), group=group)
+            temp = Path(str(names[0]))
+            with quiet():
+                dcp.save(
+                    snapshot.tensors,
+                    storage_writer=writer(temp),
+                    process_group=group,
+                    no_dist=no_dist,
+                )
+            _barrier(group)  # every rank's shards are on disk
+            if rank == 0:
+                write_marker_file(temp, snapshot.marker)
+        # rank 0 left atomic_dir: the folder is renamed into place and the parent fsynced.
+        _barrier(group)
+        return location
+    parent, name = split_url(location)
+    folder = RemoteFolder(parent, options)
+    if rank == 0:
+        folder.remove(name, markers=COMMIT_MARKERS)  # an older checkpoint here is uncommitted
+    _barrier(group)
+    with quiet():
+        dcp.save(
+            snapshot.tensors,
+            storage_writer=writer(location, options),
+            process_group=group,
+            no_dist=no_dist,
+        )
+    _barrier(group)
+    if rank == 0:
+        import json
+
+        folder.write_bytes(f"{name}/{MARKER}", json.dumps(snapshot.marker, indent=1).encode())
+    _barrier(group)
+    return location
+
+
+# --------------------------------------------------------------------------------- restore
+
+
+def _check_module(
+    name: str, module: torch.nn.Module, saved: list[str], ours: dict[str, torch.Tensor], infos: Any
+) -> None:
+    saved_set, ours_set = set(saved), set(ours)
+    missing = sorted(ours_set - saved_set)
+    unexpected = sorted(saved_set - ours_set)
+    mismatched = []
+    for key in sorted(ours_set & saved_set):
+        stored = infos.get(key)
+        if stored is not None and tuple(stored.size) != tuple(ours[key].shape):
+            mismatched.append(f"{key} (checkpoint {tuple(stored.size)}, model {tuple(ours[key].shape)})")
+    if missing or unexpected or mismatched:
+        lines = [f"cannot load checkpoint entry {name!r} into {type(module).__name__}; nothing was loaded:"]
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if names:
+                shown = ", ".join(n.removeprefix(f"{name}.") for n in names[:8])
+                lines.append(f"  {label}: {shown}" + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
+        lines.append("Pass strict=False to load what fits.")
+        raise KeyMismatchError("\n".join(lines), None)
+
+
+def restore(
+    location: Location,
+    targets: Mapping[str, object],
+    *,
+    strict: bool = True,
+    rng: bool = True,
+    device: str | torch.device = "cpu",
+    group: Group = None,
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Restore a torchkeep DCP checkpoint into ``targets``, resharding to this world size.
+
+    Every rank calls it (when a process group is active). Modules and optimizers are loaded
+    through ``set_model_state_dict`` / ``set_optimizer_state_dict``; other targets as in
+    :func:`~torchkeep.load_checkpoint`. Returns the entries not restored in place.
+    """
+    marker = read_marker(location, options)
+    entries: dict[str, Any] = marker["state"]
+    missing = [name for name in targets if name not in entries]
+    if missing:
+        raise KeyMismatchError(
+            f"checkpoint {str(location)!r} has no entry {', '.join(map(repr, missing))}; it "
+            f"holds: {', '.join(map(repr, entries)) or 'nothing'}",
+            missing,
+        )
+    storage = reader(location, options)
+    stored = storage.read_metadata().state_dict_metadata
+    modules = _modules(targets)
+    dest: dict[str, torch.Tensor] = {}
+    native: dict[str, Any] = {}
+    for name, target in targets.items():
+        ours: dict[str, torch.Tensor] = {}
+        if isinstance(target, torch.nn.Module):
+            encode(get_model_state_dict(target), name, ours)
+            if strict:
+                _check_module(name, target, tensor_names(entries[name]["value"]), ours, stored)
+        elif isinstance(target, torch.optim.Optimizer):
+            encode(get_optimizer_state_dict(_owner(target, modules, name), target), name, ours)
+        dest.update({k: v for k, v in ours.items() if k in stored})
+    rank = _rank(group)
+    rng_nodes = marker.get("rng") or []
+    rng_node = rng_nodes[rank] if rng and rank < len(rng_nodes) else None
+    wanted = [n for entry in entries.values() for n in tensor_names(entry.get("value"))]
+    wanted += tensor_names(rng_node)
+    for name in wanted:
+        if name not in dest:
+            dest[name] = empty_like_stored(storage.read_metadata(), name, str(location))
+    with quiet():
+        dcp.load(dest, storage_reader=storage, process_group=group, no_dist=not group_active())
+    decoder = Unflattener(dest.__getitem__, where=str(location))
+    values = {name: decoder.decode(entry.get("value"), name) for name, entry in entries.items()}
+    checked: dict[str, Any] = {}
+    for name, target in targets.items():
+        if not isinstance(target, torch.nn.Module | torch.optim.Optimizer):
+            checked[name] = _state.check(name, target, values[name], strict)
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        target = targets.get(name)
+        if isinstance(target, torch.nn.Module):
+            set_model_state_dict(target, value, options=StateDictOptions(strict=strict))
+        elif isinstance(target, torch.optim.Optimizer):
+            set_optimizer_state_dict(_owner(target, modules, name), target, value)
+        elif name in targets and _state.restore(name, target, checked[name], strict)[0]:
+            pass
+        else:
+            if name in targets:
+                value = _state.shaped_like(target, value)
+            if torch.device(device).type != "cpu":
+                value = map_tensors(value, lambda t: t.to(device))
+            out[name] = value
+    if rng_node is not None:
+        _state.restore_rng(decoder.decode(rng_node, "__rng__"))
+    elif rng and rng_nodes and rank == 0:
+        warnings.warn(
+            f"checkpoint {str(location)!r} holds the RNG states of {len(rng_nodes)} ranks and "
+            f"this run has {_world(group)}; ranks without a saved state keep their own",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return out
+
+
+def is_committed_dcp(path: Path) -> bool:
+    """Whether a local folder is a committed torchkeep DCP checkpoint."""
+    return (path / MARKER).is_file()
+
+
+__all__ = [
+    "DcpSnapshot",
+    "dcp_to_safetensors",
+    "group_active",
+    "is_committed_dcp",
+    "is_distributed_module",
+    "restore",
+    "safetensors_to_dcp",
+    "take_snapshot",
+    "wants_dcp",
+    "write",
+]
