@@ -101,7 +101,7 @@ def reader(location: Location, options: Mapping[str, Any] | None = None) -> File
                 f"{METADATA_FILE}"
             )
         return SafeReader(location)
-    from torch.distributed.checkpoint import FsspecReader
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
     class SafeFsspecReader(_SafeMetadata, FsspecReader):
         pass
@@ -113,7 +113,7 @@ def writer(location: Location, options: Mapping[str, Any] | None = None) -> File
     """A DCP writer (fsynced files) for a local folder or an fsspec URL."""
     if isinstance(location, Path):
         return FileSystemWriter(location, sync_files=True)
-    from torch.distributed.checkpoint import FsspecWriter
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
     return FsspecWriter(location, sync_files=True, **dict(options or {}))
 
