@@ -173,7 +173,10 @@ def download(
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         if isinstance(exc, (DownloadError, ChecksumError)):
             raise
-        reason = getattr(exc, "reason", None) or exc
+        if isinstance(exc, urllib.error.HTTPError):
+            reason: object = f"the server answered HTTP {exc.code} {exc.reason}"
+        else:
+            reason = getattr(exc, "reason", None) or exc
         raise DownloadError(
             f"could not download {url!r}: {reason}; nothing was cached: check the URL and "
             "the connection, then try again"
