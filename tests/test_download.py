@@ -90,7 +90,9 @@ def test_downloads_once_into_the_cache_and_loads(server: Server, tmp_path: Path)
     other = net()
     report = tk.load(other, url, sha256=digest)
     assert report.ok and report.path == url
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters(), strict=True)
+    )
     cached = cached_path(url)
     assert cached.is_file() and str(cached).startswith(str(tmp_path / "cache"))
     state = tk.load_state_dict(url, dtype=torch.bfloat16)  # from the cache
@@ -105,7 +107,9 @@ def test_torch_hub_style_hash_prefix_in_the_name(server: Server) -> None:
     prefix = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
     path.rename(server.folder / f"net-{prefix}.pth")
     assert tk.load(net(), f"{server.url}/net-{prefix}.pth", check_hash=True).ok
-    (server.folder / "net-00000000.pth").write_bytes((server.folder / f"net-{prefix}.pth").read_bytes())
+    (server.folder / "net-00000000.pth").write_bytes(
+        (server.folder / f"net-{prefix}.pth").read_bytes()
+    )
     with pytest.raises(tk.ChecksumError):
         tk.load(net(), f"{server.url}/net-00000000.pth", check_hash=True)
     with pytest.raises(ValueError, match="hash prefix"):

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Tied
 from torch import nn
 
 import torchkeep as tk
-
-from conftest import Tied
 
 ROOT = Path(__file__).parent.parent
 

@@ -98,7 +98,7 @@ def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
 
 def _get(model: torch.nn.Module, name: str) -> torch.Tensor:
     module, leaf = _owner(model, name)
-    value = module._parameters.get(leaf)
+    value: torch.Tensor | None = module._parameters.get(leaf)
     if value is None:
         value = module._buffers[leaf]
     assert value is not None

@@ -24,6 +24,7 @@ between a DCP folder and one safetensors file, one tensor in memory at a time.
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 import warnings
 from collections.abc import Mapping
@@ -33,7 +34,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -41,6 +41,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from torchkeep import _state
 from torchkeep._dcp_convert import dcp_to_safetensors, safetensors_to_dcp
@@ -156,6 +158,7 @@ def take_snapshot(
     entries: dict[str, Any] = {}
     for name, value in state.items():
         _check_name(name)
+        captured: Any
         if isinstance(value, torch.nn.Module):
             kind, captured = "module", get_model_state_dict(value)
         elif isinstance(value, torch.optim.Optimizer):
@@ -215,7 +218,7 @@ def write(
                 dist.broadcast_object_list(names, src=dist.get_global_rank(group, 0), group=group)
             temp = Path(str(names[0]))
             with quiet():
-                dcp.save(
+                dcp_save(
                     snapshot.tensors,
                     storage_writer=writer(temp),
                     process_group=group,
@@ -233,7 +236,7 @@ def write(
         folder.remove(name, markers=COMMIT_MARKERS)  # an older checkpoint here is uncommitted
     _barrier(group)
     with quiet():
-        dcp.save(
+        dcp_save(
             snapshot.tensors,
             storage_writer=writer(location, options),
             process_group=group,
@@ -241,8 +244,6 @@ def write(
         )
     _barrier(group)
     if rank == 0:
-        import json
-
         folder.write_bytes(f"{name}/{MARKER}", json.dumps(snapshot.marker, indent=1).encode())
     _barrier(group)
     return location
@@ -251,25 +252,53 @@ def write(
 # --------------------------------------------------------------------------------- restore
 
 
+def _refuse(name: str, module: torch.nn.Module, problems: dict[str, list[str]]) -> None:
+    lines = [
+        f"cannot load checkpoint entry {name!r} into {type(module).__name__}; nothing was loaded:"
+    ]
+    for label, names in problems.items():
+        if names:
+            shown = ", ".join(n.removeprefix(f"{name}.") for n in names[:8])
+            more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+            lines.append(f"  {label}: {shown}{more}")
+    lines.append("Pass strict=False to load what fits.")
+    raise KeyMismatchError("\n".join(lines), None)
+
+
 def _check_module(
-    name: str, module: torch.nn.Module, saved: list[str], ours: dict[str, torch.Tensor], infos: Any
+    name: str, module: torch.nn.Module, saved: list[str], ours: dict[str, torch.Tensor], stored: Any
 ) -> None:
-    saved_set, ours_set = set(saved), set(ours)
-    missing = sorted(ours_set - saved_set)
-    unexpected = sorted(saved_set - ours_set)
-    mismatched = []
-    for key in sorted(ours_set & saved_set):
-        stored = infos.get(key)
-        if stored is not None and tuple(stored.size) != tuple(ours[key].shape):
-            mismatched.append(f"{key} (checkpoint {tuple(stored.size)}, model {tuple(ours[key].shape)})")
-    if missing or unexpected or mismatched:
-        lines = [f"cannot load checkpoint entry {name!r} into {type(module).__name__}; nothing was loaded:"]
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if names:
-                shown = ", ".join(n.removeprefix(f"{name}.") for n in names[:8])
-                lines.append(f"  {label}: {shown}" + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
-        lines.append("Pass strict=False to load what fits.")
-        raise KeyMismatchError("\n".join(lines), None)
+    """Refuse, before anything is loaded, a module whose names or shapes differ."""
+    mismatched = [
+        f"{key} (checkpoint {tuple(stored[key].size)}, model {tuple(ours[key].shape)})"
+        for key in sorted(set(ours) & set(saved))
+        if key in stored and tuple(stored[key].size) != tuple(ours[key].shape)
+    ]
+    problems = {
+        "missing": sorted(set(ours) - set(saved)),
+        "unexpected": sorted(set(saved) - set(ours)),
+        "shape mismatch": mismatched,
+    }
+    if any(problems.values()):
+        _refuse(name, module, problems)
+
+
+def _destinations(
+    targets: Mapping[str, object], entries: Mapping[str, Any], stored: Any, strict: bool
+) -> dict[str, torch.Tensor]:
+    """The targets' own tensors (DTensor shards included) that DCP loads into, in place."""
+    modules = _modules(targets)
+    dest: dict[str, torch.Tensor] = {}
+    for name, target in targets.items():
+        ours: dict[str, torch.Tensor] = {}
+        if isinstance(target, torch.nn.Module):
+            encode(get_model_state_dict(target), name, ours)
+            if strict:
+                _check_module(name, target, tensor_names(entries[name]["value"]), ours, stored)
+        elif isinstance(target, torch.optim.Optimizer):
+            encode(get_optimizer_state_dict(_owner(target, modules, name), target), name, ours)
+        dest.update({k: v for k, v in ours.items() if k in stored})
+    return dest
 
 
 def restore(
@@ -286,7 +315,10 @@ def restore(
 
     Every rank calls it (when a process group is active). Modules and optimizers are loaded
     through ``set_model_state_dict`` / ``set_optimizer_state_dict``; other targets as in
-    :func:`~torchkeep.load_checkpoint`. Returns the entries not restored in place.
+    :func:`~torchkeep.load_checkpoint`. Every module is checked before anything is loaded.
+
+    Returns:
+        The entries not restored in place.
     """
     marker = read_marker(location, options)
     entries: dict[str, Any] = marker["state"]
@@ -298,53 +330,45 @@ def restore(
             missing,
         )
     storage = reader(location, options)
-    stored = storage.read_metadata().state_dict_metadata
-    modules = _modules(targets)
-    dest: dict[str, torch.Tensor] = {}
-    native: dict[str, Any] = {}
-    for name, target in targets.items():
-        ours: dict[str, torch.Tensor] = {}
-        if isinstance(target, torch.nn.Module):
-            encode(get_model_state_dict(target), name, ours)
-            if strict:
-                _check_module(name, target, tensor_names(entries[name]["value"]), ours, stored)
-        elif isinstance(target, torch.optim.Optimizer):
-            encode(get_optimizer_state_dict(_owner(target, modules, name), target), name, ours)
-        dest.update({k: v for k, v in ours.items() if k in stored})
+    metadata = storage.read_metadata()
+    dest = _destinations(targets, entries, metadata.state_dict_metadata, strict)
     rank = _rank(group)
     rng_nodes = marker.get("rng") or []
     rng_node = rng_nodes[rank] if rng and rank < len(rng_nodes) else None
+    # Everything else the structure refers to is read whole onto the CPU.
     wanted = [n for entry in entries.values() for n in tensor_names(entry.get("value"))]
-    wanted += tensor_names(rng_node)
-    for name in wanted:
+    for name in [*wanted, *tensor_names(rng_node)]:
         if name not in dest:
-            dest[name] = empty_like_stored(storage.read_metadata(), name, str(location))
+            dest[name] = empty_like_stored(metadata, name, str(location))
     with quiet():
-        dcp.load(dest, storage_reader=storage, process_group=group, no_dist=not group_active())
+        dcp_load(dest, storage_reader=storage, process_group=group, no_dist=not group_active())
     decoder = Unflattener(dest.__getitem__, where=str(location))
     values = {name: decoder.decode(entry.get("value"), name) for name, entry in entries.items()}
-    checked: dict[str, Any] = {}
-    for name, target in targets.items():
-        if not isinstance(target, torch.nn.Module | torch.optim.Optimizer):
-            checked[name] = _state.check(name, target, values[name], strict)
+    checked = {
+        name: _state.check(name, target, values[name], strict)
+        for name, target in targets.items()
+        if not isinstance(target, torch.nn.Module | torch.optim.Optimizer)
+    }
+    modules = _modules(targets)
     out: dict[str, Any] = {}
     for name, value in values.items():
         target = targets.get(name)
         if isinstance(target, torch.nn.Module):
             set_model_state_dict(target, value, options=StateDictOptions(strict=strict))
-        elif isinstance(target, torch.optim.Optimizer):
+            continue
+        if isinstance(target, torch.optim.Optimizer):
             set_optimizer_state_dict(_owner(target, modules, name), target, value)
-        elif name in targets and _state.restore(name, target, checked[name], strict)[0]:
-            pass
-        else:
-            if name in targets:
-                value = _state.shaped_like(target, value)
-            if torch.device(device).type != "cpu":
-                value = map_tensors(value, lambda t: t.to(device))
-            out[name] = value
+            continue
+        if name in targets:
+            done, value = _state.restore(name, target, checked[name], strict)
+            if done:
+                continue
+        if torch.device(device).type != "cpu":
+            value = map_tensors(value, lambda t: t.to(device))
+        out[name] = value
     if rng_node is not None:
         _state.restore_rng(decoder.decode(rng_node, "__rng__"))
-    elif rng and rng_nodes and rank == 0:
+    if rng and rng_nodes and len(rng_nodes) != _world(group) and rank == 0:
         warnings.warn(
             f"checkpoint {str(location)!r} holds the RNG states of {len(rng_nodes)} ranks and "
             f"this run has {_world(group)}; ranks without a saved state keep their own",

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from torchkeep._dcp_io import Location, quiet, reader, tensor_infos, writer
 from torchkeep._locate import writable
@@ -92,7 +93,9 @@ def dcp_to_safetensors(
                 "safetensors cannot store"
             )
     shapes = {
-        out: torch.empty(infos[stored].shape, dtype=getattr(torch, infos[stored].dtype), device="meta")
+        out: torch.empty(
+            infos[stored].shape, dtype=getattr(torch, infos[stored].dtype), device="meta"
+        )
         for stored, out in names.items()
     }
     stored_of = {out: stored for stored, out in names.items()}
@@ -105,7 +108,7 @@ def dcp_to_safetensors(
             for out in order:
                 tensor = torch.empty(shapes[out].shape, dtype=shapes[out].dtype)
                 with quiet():
-                    dcp.load({stored_of[out]: tensor}, storage_reader=storage, no_dist=True)
+                    dcp_load({stored_of[out]: tensor}, storage_reader=storage, no_dist=True)
                 checksums[out] = xxh3(tensor)
                 if tensor.numel():
                     f.write(byte_view(tensor))
@@ -141,7 +144,7 @@ def safetensors_to_dcp(
         src: a safetensors file, sharded folder, ``.pt`` file, ... (local or a URL).
         dst: the DCP folder to write (committed atomically when local).
         prefix: put every name under this one (``"model"`` gives ``model.fc.weight``), as
-            ``dcp.save({"model": state_dict})`` would.
+            ``dcp_save({"model": state_dict})`` would.
         options: fsspec storage options for ``dst``.
 
     Returns:
@@ -169,9 +172,9 @@ def safetensors_to_dcp(
         with quiet():
             if isinstance(target, Path):
                 with atomic_dir(target) as temp:
-                    dcp.save(shapes, storage_writer=writer(temp), planner=planner, no_dist=True)
+                    dcp_save(shapes, storage_writer=writer(temp), planner=planner, no_dist=True)
             else:
-                dcp.save(
+                dcp_save(
                     shapes, storage_writer=writer(target, options), planner=planner, no_dist=True
                 )
     return target

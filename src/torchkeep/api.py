@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from torchkeep._info import CheckpointInfo
-from torchkeep._locate import needs_staging, readable, writable
 from torchkeep._assign import assign_into, cast_floating
+from torchkeep._info import CheckpointInfo
 from torchkeep._keys import Patterns, RenameRules, plan_keys, strip_compile_segments
+from torchkeep._locate import needs_staging, readable, writable
 from torchkeep._report import LoadReport, ShapeMismatch
 from torchkeep._tensors import (
     check_saveable,

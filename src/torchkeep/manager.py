@@ -110,7 +110,7 @@ class CheckpointManager:
         self.policy = self._policy(keep_last, keep_best, keep_every, policy)
         self._max_shard_size = max_shard_size
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-save")
-        self._pending: Future[Path] | None = None
+        self._pending: Future[Location] | None = None
         self._lock = threading.RLock()
         self._staging = StagingPool()
         self._closed = False
@@ -193,7 +193,7 @@ class CheckpointManager:
         rng: bool = True,
         allow_pickle: bool = False,
         **state: object,
-    ) -> Path:
+    ) -> Location:
         """Save ``state`` as the checkpoint of ``step``, then apply retention.
 
         The state is captured before this returns: tensors are copied into reusable staging
@@ -285,7 +285,7 @@ class CheckpointManager:
     def _commit_dcp(self, snapshot: Any, step: int) -> Location:
         from torchkeep import _dcp
 
-        rank0 = not _dcp.group_active() or _dcp.dist.get_rank(self._group) == 0
+        rank0 = not _dcp.group_active() or torch.distributed.get_rank(self._group) == 0
         if rank0:
             self._steps.prepare(step)
         location = _dcp.write(
@@ -365,8 +365,7 @@ class CheckpointManager:
 
             if verify:
                 warnings.warn(
-                    "verify=True has no effect on distributed checkpoints: DCP stores no "
-                    "checksums",
+                    "verify=True has no effect on distributed checkpoints: DCP stores no checksums",
                     RuntimeWarning,
                     stacklevel=2,
                 )

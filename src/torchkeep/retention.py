@@ -29,7 +29,7 @@ class Checkpoint:
     """
 
     step: int
-    path: Path
+    path: Path | str
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 

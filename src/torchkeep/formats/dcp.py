@@ -69,13 +69,13 @@ class DcpSource(Source):
         dtype = getattr(torch, info.dtype)
         if self._device == "meta":
             return torch.empty(info.shape, dtype=dtype, device="meta")
-        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
         from torchkeep._dcp_io import quiet
 
         out = torch.empty(info.shape, dtype=dtype)
         with quiet():
-            dcp.load({self._stored[entry][name]: out}, storage_reader=self._reader, no_dist=True)
+            dcp_load({self._stored[entry][name]: out}, storage_reader=self._reader, no_dist=True)
         return out if self._device == "cpu" else out.to(self._device)
 
 
