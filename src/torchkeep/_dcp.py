@@ -373,7 +373,7 @@ def restore(
             f"checkpoint {str(location)!r} holds the RNG states of {len(rng_nodes)} ranks and "
             f"this run has {_world(group)}; ranks without a saved state keep their own",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return out
 
