@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from torchkeep.errors import CheckpointNotFoundError, CheckpointWriteError
+from torchkeep.errors import CheckpointNotFoundError, CheckpointWriteError, CorruptFileError
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 # Schemes served by torchkeep's own HTTP download (a cache, hash checks) rather than fsspec.
@@ -145,10 +145,17 @@ class RemoteFolder:
         source = self._inner(name)
         if self.fs.isdir(source):
             local.mkdir(parents=True)
+            root = local.resolve()
             for file in self.fs.find(source):
                 rel = str(file)[len(source.rstrip("/")) + 1 :]
-                (local / rel).parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(file, str(local / rel))
+                dest = (local / rel).resolve()
+                if root not in dest.parents:
+                    raise CorruptFileError(
+                        f"{self.url_of(name)!r} holds an object named {rel!r}, which would be "
+                        "written outside the download folder; refusing it"
+                    )
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(file, str(dest))
         elif self.fs.isfile(source):
             local.parent.mkdir(parents=True, exist_ok=True)
             self.fs.get_file(source, str(local))
