@@ -250,12 +250,44 @@ class CheckpointManager:
             self._delete(checkpoint.path)
         return path
 
-    def _remove_torn(self) -> None:
-        for entry in self.directory.iterdir():
+    def torn(self) -> list[Path]:
+        """Leftovers of interrupted saves: temporary folders and step folders never committed."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for entry in sorted(self.directory.iterdir()):
             hidden = entry.name.startswith(".step-") and TEMP_MARKER in entry.name
             torn = _STEP_DIR.fullmatch(entry.name) and not (entry / MANIFEST).is_file()
             if (hidden or torn) and entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
+                found.append(entry)
+        return found
+
+    def _remove_torn(self) -> None:
+        for entry in self.torn():
+            shutil.rmtree(entry, ignore_errors=True)
+
+    def prune(self, *, dry_run: bool = False) -> tuple[list[int], list[Path]]:
+        """Apply the retention policy now and remove leftovers of interrupted saves.
+
+        The newest committed checkpoint is never deleted.
+
+        Args:
+            dry_run: only report what would be removed.
+
+        Returns:
+            The steps deleted (or that would be) and the torn folders removed.
+        """
+        self._finish()
+        latest = self.latest()
+        doomed = to_delete(
+            self.policy, self.checkpoints(), protect=set() if latest is None else {latest}
+        )
+        torn = self.torn()
+        if not dry_run:
+            self._remove_torn()
+            for checkpoint in doomed:
+                self._delete(checkpoint.path)
+        return [c.step for c in doomed], torn
 
     def _delete(self, path: Path) -> None:
         # Renamed out of sight first, so a crash mid-deletion never leaves a torn step folder.
