@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import Tied
 from torch import nn
 
 from torchkeep._module_info import inspect_module
@@ -58,13 +59,6 @@ def test_frozen_parameters_and_gradients() -> None:
 
 
 def test_wrappers_are_looked_through_and_tied_weights_counted_once() -> None:
-    class Tied(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(10, 4)
-            self.head = nn.Linear(4, 10, bias=False)
-            self.head.weight = self.emb.weight
-
     info = inspect_module(nn.DataParallel(Tied()))
     assert info.wrappers == ("DataParallel",)
     assert info.type == "Tied"
