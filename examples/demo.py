@@ -307,6 +307,29 @@ def main() -> None:
         predictions = deployed(example).argmax(1).tolist()
     print(f"  load_for_inference(cnn.pt2) predicts {predictions}")
 
+    section("the torchkeep command: the same functions from a terminal")
+    for args in (
+        ["ls", str(OUT / "run")],
+        ["inspect", str(OUT / "tutorial_checkpoint.pt")],
+        [
+            "convert",
+            str(OUT / "tutorial_checkpoint.pt"),
+            str(OUT / "from_tutorial.safetensors"),
+            "--dtype",
+            "bfloat16",
+        ],
+        ["verify", str(OUT / "from_tutorial.safetensors")],
+        ["diff", str(OUT / "cnn.safetensors"), str(OUT / "from_tutorial.safetensors")],
+        ["scan", str(OUT / "innocent_looking.pt")],
+    ):
+        print(f"$ torchkeep {' '.join(args)}")
+        done = subprocess.run(
+            [sys.executable, "-m", "torchkeep", *args], capture_output=True, text=True, check=False
+        )
+        output = (done.stdout + done.stderr).rstrip()
+        print("  " + output.replace("\n", "\n  "))
+        print(f"  (exit code {done.returncode})")
+
     section("bad files get clear errors")
     truncated = OUT / "truncated.safetensors"
     truncated.write_bytes((OUT / "cnn.safetensors").read_bytes()[:5000])

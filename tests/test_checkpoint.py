@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from conftest import Tied
 from torch import nn
 
 from torchkeep.api import unwrap
@@ -372,13 +373,6 @@ def test_manifest_is_strict_json_written_last(tmp_path: Path) -> None:
 
 
 def test_tied_weights_are_stored_once_and_load_tied(tmp_path: Path) -> None:
-    class Tied(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(10, 4)
-            self.head = nn.Linear(4, 10, bias=False)
-            self.head.weight = self.emb.weight
-
     model = Tied()
     path = save_checkpoint(tmp_path / "c", model=model)
     manifest = json.loads((path / MANIFEST).read_text())

@@ -149,3 +149,20 @@ def test_dcp_to_safetensors_and_back(runs: dict[str, Path], tmp_path: Path) -> N
     assert tk.load(model, back).ok
     for name, value in model.state_dict().items():
         assert torch.equal(value, plain[name])
+
+
+def test_the_cli_reads_dcp_checkpoints(runs: dict[str, Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from torchkeep.cli import main
+
+    step = tk.CheckpointManager(runs["fsdp"]).path(1)
+    out = tmp_path / "cli.safetensors"
+    result = CliRunner().invoke(main, ["convert", str(step), str(out)])
+    assert result.exit_code == 0, result.output
+    expected = tk.load_state_dict(runs["ref"] / "fsdp.safetensors")
+    for name, value in tk.load_state_dict(out, verify=True).items():
+        assert torch.equal(value, expected[f"model.{name}"])
+    listed = CliRunner().invoke(main, ["ls", str(runs["fsdp"]), "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert '"committed": true' in listed.output and '"step": 1' in listed.output

@@ -407,3 +407,16 @@ def test_export_archive_with_a_pickled_payload_is_scanned(tmp_path: Path) -> Non
     with pytest.raises(tk.UnsafeFileError, match="system"):
         tk.load_model(evil)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_cli_inspect_names_the_classes_of_a_pickled_model(vanished_class_model) -> None:
+    from click.testing import CliRunner
+
+    from torchkeep.cli import main
+
+    path, _, marker = vanished_class_model
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "pickled model  custom_blocks.Model" in result.output
+    assert "block (Block)" in result.output and "proj (Linear)" in result.output
+    assert not marker.exists()

@@ -14,6 +14,7 @@ from torchkeep._model import load_for_inference as load_for_inference
 from torchkeep._model import load_model as load_model
 from torchkeep._model import record_init as record_init
 from torchkeep._model import save_model as save_model
+from torchkeep._module_info import ModuleInfo as ModuleInfo
 from torchkeep._report import LoadReport as LoadReport
 from torchkeep._report import ShapeMismatch as ShapeMismatch
 from torchkeep._stubs import ModuleEntry as ModuleEntry
@@ -70,6 +71,7 @@ __all__ = [
     "LoadReport",
     "ModelRebuildError",
     "ModuleEntry",
+    "ModuleInfo",
     "ShapeMismatch",
     "TensorInfo",
     "TorchkeepError",

@@ -52,6 +52,8 @@ class Steps(Protocol):
 
     def prepare(self, step: int) -> None: ...
 
+    def torn(self) -> list[Location]: ...
+
     def remove_torn(self) -> None: ...
 
     def delete(self, location: Location) -> None: ...
@@ -126,12 +128,20 @@ class LocalSteps:
             self.delete(target)
         return writer(snapshot, target, max_shard_size=max_shard_size)
 
-    def remove_torn(self) -> None:
-        for entry in self.directory.iterdir():
+    def torn(self) -> list[Location]:
+        if not self.directory.is_dir():
+            return []
+        found: list[Location] = []
+        for entry in sorted(self.directory.iterdir()):
             hidden = entry.name.startswith(".step-") and TEMP_MARKER in entry.name
             torn = STEP_DIR.fullmatch(entry.name) and self._marker(entry) is None
             if (hidden or torn) and entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
+                found.append(entry)
+        return found
+
+    def remove_torn(self) -> None:
+        for entry in self.torn():
+            shutil.rmtree(entry, ignore_errors=True)
 
     def delete(self, location: Location) -> None:
         path = Path(location)
@@ -217,11 +227,17 @@ class RemoteSteps:
             writer(snapshot, local, max_shard_size=max_shard_size)
         return location
 
-    def remove_torn(self) -> None:
+    def torn(self) -> list[Location]:
         committed = self._markers()
-        for name in self.folder.children():
-            if STEP_DIR.fullmatch(name) and name not in committed:
-                self.folder.remove(name)
+        return [
+            self.folder.url_of(name)
+            for name in self.folder.children()
+            if STEP_DIR.fullmatch(name) and name not in committed
+        ]
+
+    def remove_torn(self) -> None:
+        for location in self.torn():
+            self.folder.remove(self._name(location))
 
     def delete(self, location: Location) -> None:
         name = self._name(location)

@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -16,6 +16,7 @@ from torchkeep._assign import assign_into, cast_floating
 from torchkeep._info import CheckpointInfo
 from torchkeep._keys import Patterns, RenameRules, plan_keys, strip_compile_segments
 from torchkeep._locate import needs_staging, readable, writable
+from torchkeep._module_info import ModuleInfo, inspect_module
 from torchkeep._report import LoadReport, ShapeMismatch
 from torchkeep._tensors import (
     check_saveable,
@@ -551,26 +552,45 @@ def _disk_size(path: Path) -> int:
     return path.stat().st_size
 
 
+@overload
+def inspect(path: torch.nn.Module) -> ModuleInfo: ...
+
+
+@overload
 def inspect(
     path: PathLike,
     *,
     entry: str | None = None,
     trust: bool = False,
     allow_globals: Iterable[str] = (),
-) -> CheckpointInfo:
-    """Describe a file without reading its tensor data (where the format allows).
+) -> CheckpointInfo: ...
 
-    safetensors headers and torch zip pickles are read; tensor bytes are not.
+
+def inspect(
+    path: PathLike | torch.nn.Module,
+    *,
+    entry: str | None = None,
+    trust: bool = False,
+    allow_globals: Iterable[str] = (),
+) -> CheckpointInfo | ModuleInfo:
+    """Describe a file without reading its tensor data (where the format allows), or a model.
+
+    safetensors headers and torch zip pickles are read; tensor bytes are not. Given a live
+    ``nn.Module``, returns its tree, parameter names, shapes, dtypes, devices, which are
+    trainable or frozen, and gradient presence and norms.
 
     Args:
-        path: file or folder in any supported format.
+        path: file or folder in any supported format, or an ``nn.Module``.
         entry: which tensor dict of a checkpoint dict to describe.
         trust: unpickle without the allowlist. Only for files whose author you trust.
         allow_globals: extra ``"module.name"`` globals the allowlist accepts.
 
     Returns:
-        A :class:`~torchkeep.CheckpointInfo`.
+        A :class:`~torchkeep.CheckpointInfo` for a path, a :class:`~torchkeep.ModuleInfo`
+        for a module.
     """
+    if isinstance(path, torch.nn.Module):
+        return inspect_module(path)
     if needs_staging(path):
         with readable(path, header_only=True) as local:
             info = inspect(local, entry=entry, trust=trust, allow_globals=allow_globals)

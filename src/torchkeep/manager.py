@@ -282,6 +282,33 @@ class CheckpointManager:
         self._retain(step)
         return path
 
+    def torn(self) -> list[Location]:
+        """Leftovers of interrupted saves: temporary folders and step folders never committed."""
+        return self._steps.torn()
+
+    def prune(self, *, dry_run: bool = False) -> tuple[list[int], list[Location]]:
+        """Apply the retention policy now and remove leftovers of interrupted saves.
+
+        The newest committed checkpoint is never deleted.
+
+        Args:
+            dry_run: only report what would be removed.
+
+        Returns:
+            The steps deleted (or that would be) and the torn folders removed.
+        """
+        self._finish()
+        latest = self.latest()
+        doomed = to_delete(
+            self.policy, self.checkpoints(), protect=set() if latest is None else {latest}
+        )
+        torn = self.torn()
+        if not dry_run:
+            self._steps.remove_torn()
+            for checkpoint in doomed:
+                self._steps.delete(checkpoint.path)
+        return [c.step for c in doomed], torn
+
     def _commit_dcp(self, snapshot: Any, step: int) -> Location:
         from torchkeep import _dcp
 

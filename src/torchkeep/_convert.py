@@ -1,0 +1,393 @@
+"""Convert weights between formats, one tensor at a time.
+
+safetensors and sharded outputs are streamed: the header is planned from the source's tensor
+facts alone (shapes and dtypes, no data), written first with placeholder checksums, and each
+tensor is then read from the source, cast, hashed and written before the next one is read.
+Because every xxh3 digest has the same 16-digit width, the final header has exactly the
+placeholder's length and is written over it at the end. Peak memory is about the largest
+tensor (twice that while casting), not the file. torch zip and legacy outputs go through
+``torch.save``, which needs every tensor in memory at once.
+
+Everything is written under a temporary name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from torchkeep._keys import apply_rename
+from torchkeep._tensors import NAME_FROM_DTYPE, byte_view, check_saveable, to_cpu_contiguous, xxh3
+from torchkeep.api import default_entry, parse_size
+from torchkeep.errors import InvalidStateError
+from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.formats.registry import SAFETENSORS, SHARDED, for_writing, open_source
+from torchkeep.formats.safetensors import ALIASES_KEY, CHECKSUMS_KEY, build_header
+from torchkeep.formats.sharded import SAFETENSORS_INDEX, find_index
+from torchkeep.storage.local import atomic_dir, atomic_file
+
+Progress = Callable[[int, int], None]
+PathLike = str | os.PathLike[str]
+
+# Metadata keys a writer derives itself; copying them from the source would carry stale values.
+_DERIVED_METADATA = frozenset({"format", "total_size", ALIASES_KEY, CHECKSUMS_KEY})
+_DTYPE_ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float": "float32",
+    "fp64": "float64",
+    "double": "float64",
+}
+_PLACEHOLDER_DIGEST = "0" * 16
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What :func:`convert` wrote.
+
+    Attributes:
+        source: the file or folder read.
+        source_format: its detected format.
+        entry: the tensor dict taken from it (``""``: the file's root).
+        path: the file or folder written.
+        format: the format written.
+        tensors: names written, tied aliases included.
+        nbytes: bytes of tensor data written.
+        files: files written (shards for a sharded folder).
+        renamed: (name in the source, name written) for every name that changed.
+        cast: names whose dtype changed.
+    """
+
+    source: str
+    source_format: str
+    entry: str
+    path: str
+    format: str
+    tensors: int
+    nbytes: int
+    files: int
+    renamed: tuple[tuple[str, str], ...]
+    cast: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Planned:
+    old: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * self.dtype.itemsize
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"``, ``"bf16"``, ``"float16"``, ``"fp16"``, ``"float32"``, ... -> dtype.
+
+    Raises:
+        ValueError: not a floating point dtype torch knows.
+    """
+    if isinstance(name, torch.dtype):
+        dtype = name
+    else:
+        key = name.lower().removeprefix("torch.")
+        dtype = getattr(torch, _DTYPE_ALIASES.get(key, key), None)  # type: ignore[assignment]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"cannot convert to dtype {name!r}: choose a floating point dtype such as "
+            "bfloat16, float16 or float32"
+        )
+    return dtype
+
+
+def parse_rename(rule: str) -> tuple[str, str]:
+    """``"REGEX=REPLACEMENT"`` -> (regex, replacement), split at the last ``=``.
+
+    The last ``=`` is used so regexes with lookarounds (``(?=...)``) still work; a replacement
+    cannot contain ``=``.
+
+    Raises:
+        ValueError: no ``=``, or the regex does not compile.
+    """
+    pattern, sep, replacement = rule.rpartition("=")
+    if not sep or not pattern:
+        raise ValueError(f"cannot read rename rule {rule!r}; write it as 'REGEX=REPLACEMENT'")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"rename rule {rule!r}: {pattern!r} is not a valid regex ({exc})") from exc
+    return pattern, replacement
+
+
+def rename_map(
+    names: Iterable[str],
+    *,
+    strip_prefix: Sequence[str] = (),
+    rename: Sequence[tuple[str, str]] = (),
+) -> dict[str, str]:
+    """Map each new name to its source name: prefixes stripped first, then regex rules.
+
+    Raises:
+        ValueError: two names end up the same, or a name ends up empty.
+    """
+    compiled = [(re.compile(pattern), repl) for pattern, repl in rename]
+
+    def new_name(name: str) -> str:
+        original = name
+        for prefix in strip_prefix:
+            name = name.removeprefix(prefix)
+        for pattern, repl in compiled:
+            name = pattern.sub(repl, name)
+        if not name:
+            raise ValueError(f"the prefix and rename rules turn {original!r} into an empty name")
+        return name
+
+    return apply_rename(names, new_name)
+
+
+def convert(
+    source: PathLike,
+    dest: PathLike,
+    *,
+    format: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    entry: str | None = None,
+    strip_prefix: Sequence[str] = (),
+    rename: Sequence[tuple[str, str]] = (),
+    shard_size: int | str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    trust: bool = False,
+    allow_globals: Iterable[str] = (),
+    progress: Progress | None = None,
+    durable: bool = True,
+) -> ConvertResult:
+    """Write the weights of ``source`` (any supported format) to ``dest`` in another format.
+
+    Args:
+        source: file or folder to read.
+        dest: file or folder to write; its format comes from ``format``, ``shard_size`` or
+            its suffix, as for :func:`torchkeep.save`.
+        format: ``"safetensors"``, ``"torch"``, ``"torch-legacy"`` or ``"sharded"``.
+        dtype: cast floating point tensors to this dtype (integer and bool tensors are kept).
+        entry: which tensor dict of a checkpoint dict to write (default: its weights).
+        strip_prefix: prefixes removed from the start of every name that has them.
+        rename: ``(regex, replacement)`` rules applied to every name after ``strip_prefix``.
+        shard_size: largest shard (bytes or ``"2GB"``); writes a sharded folder.
+        metadata: strings added to the source's own metadata.
+        trust: unpickle without the allowlist. Only for files whose author you trust.
+        allow_globals: extra ``"module.name"`` globals the allowlist accepts.
+        progress: called after each tensor with (bytes written so far, bytes to write).
+        durable: fsync the result before and after its rename.
+
+    Returns:
+        A :class:`ConvertResult`.
+
+    Raises:
+        ValueError: ``source`` and ``dest`` are the same, or the options contradict.
+        InvalidStateError: a tensor cannot be stored in the output format.
+
+    Example:
+        >>> convert("ckpt.pt", "model.safetensors", dtype="bfloat16", strip_prefix=["module."])
+    """
+    src, dst = Path(os.fspath(source)), Path(os.fspath(dest))
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"the output {str(dst)!r} is the input; write to another path")
+    shard_bytes = parse_size(shard_size) if shard_size is not None else None
+    fmt = for_writing(dst, format, sharded=shard_bytes is not None)
+    if shard_bytes is not None and fmt is not SHARDED:
+        raise ValueError(f"a shard size writes a sharded folder, not {fmt.name}; drop one of them")
+    _check_destination(dst, folder=fmt.is_folder)
+    target = parse_dtype(dtype) if dtype is not None else None
+    options = OpenOptions(trust=trust, allow_globals=tuple(allow_globals), mmap=True)
+    with open_source(src, options) as reader:
+        chosen = default_entry(reader, entry)
+        plan, aliases = _plan(reader, chosen, target, strip_prefix, rename)
+        meta = {k: v for k, v in reader.metadata.items() if k not in _DERIVED_METADATA}
+        meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+        writer = _Writer(reader, chosen, plan, aliases, meta, progress)
+        if fmt is SAFETENSORS:
+            with atomic_file(dst, durable=durable) as temp:
+                writer.safetensors(temp, list(plan))
+            files = 1
+        elif fmt is SHARDED:
+            with atomic_dir(dst, durable=durable) as temp:
+                files = writer.sharded(temp, shard_bytes)
+        else:
+            with atomic_file(dst, durable=durable) as temp:
+                fmt.write(writer.in_memory(), temp)
+            files = 1
+        return ConvertResult(
+            source=reader.path,
+            source_format=reader.format,
+            entry=chosen,
+            path=str(dst),
+            format=fmt.name,
+            tensors=len(plan),
+            nbytes=sum(p.nbytes for n, p in plan.items() if n not in aliases),
+            files=files,
+            renamed=tuple((p.old, new) for new, p in plan.items() if p.old != new),
+            cast=tuple(
+                new
+                for new, p in plan.items()
+                if str(p.dtype).removeprefix("torch.") != reader.entries()[chosen][p.old].dtype
+            ),
+        )
+
+
+def _check_destination(dst: Path, *, folder: bool) -> None:
+    """Refuse to replace what is not a checkpoint of the same kind (a folder is replaced whole)."""
+    if not dst.name or dst.name in (".", ".."):
+        raise ValueError(f"cannot write to {str(dst)!r}: name a new file or folder")
+    if dst.is_dir() and not folder:
+        raise ValueError(f"the output {str(dst)!r} is a folder; name a file to write")
+    if dst.is_dir() and find_index(dst) is None and any(dst.iterdir()):
+        raise ValueError(
+            f"the output folder {str(dst)!r} exists and is not a sharded checkpoint; "
+            "writing there would replace everything in it, so choose a new folder"
+        )
+
+
+def _plan(
+    reader: Source,
+    entry: str,
+    target: torch.dtype | None,
+    strip_prefix: Sequence[str],
+    rename: Sequence[tuple[str, str]],
+) -> tuple[dict[str, _Planned], dict[str, str]]:
+    """Every output name with its source name, shape and output dtype; and the output aliases."""
+    infos = reader.entries()[entry]
+    new_of_old = {
+        old: new for new, old in rename_map(infos, strip_prefix=strip_prefix, rename=rename).items()
+    }
+    plan: dict[str, _Planned] = {}
+    for old, info in infos.items():
+        dtype = getattr(torch, info.dtype)
+        if target is not None and dtype.is_floating_point:
+            dtype = target
+        plan[new_of_old[old]] = _Planned(old, info.shape, dtype)
+    aliases = {
+        new_of_old[alias]: new_of_old[stored]
+        for alias, stored in reader.aliases(entry).items()
+        if alias in new_of_old and stored in new_of_old
+    }
+    return plan, aliases
+
+
+class _Writer:
+    """Reads planned tensors from the source and writes them in one output layout."""
+
+    def __init__(
+        self,
+        reader: Source,
+        entry: str,
+        plan: dict[str, _Planned],
+        aliases: dict[str, str],
+        metadata: dict[str, str],
+        progress: Progress | None,
+    ) -> None:
+        self.reader = reader
+        self.entry = entry
+        self.plan = plan
+        self.aliases = aliases
+        self.metadata = metadata
+        self.progress = progress
+        self.total = sum(p.nbytes for n, p in plan.items() if n not in aliases)
+        self.done = 0
+
+    def fetch(self, name: str) -> torch.Tensor:
+        spec = self.plan[name]
+        tensor = self.reader.get(self.entry, spec.old)
+        if tensor.dtype != spec.dtype:
+            tensor = tensor.to(spec.dtype)
+        tensor = to_cpu_contiguous(tensor)
+        if tuple(tensor.shape) != spec.shape:
+            raise InvalidStateError(
+                f"tensor {spec.old!r} in {self.reader.path!r} has shape {list(tensor.shape)}, "
+                f"but the file's header says {list(spec.shape)}"
+            )
+        return tensor
+
+    def advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    def safetensors(self, path: Path, names: list[str]) -> None:
+        """Stream ``names`` (aliases among them are recorded, not stored) into one file."""
+        stored = [n for n in names if n not in self.aliases]
+        for name in stored:
+            if self.plan[name].dtype not in NAME_FROM_DTYPE:
+                raise InvalidStateError(
+                    f"tensor {self.plan[name].old!r} has dtype {self.plan[name].dtype}, which "
+                    "safetensors cannot store; write .pt instead, or cast it with --dtype"
+                )
+        shapes = {
+            n: torch.empty(self.plan[n].shape, dtype=self.plan[n].dtype, device="meta")
+            for n in stored
+        }
+        local_aliases = {a: t for a, t in self.aliases.items() if a in names and t in shapes}
+        request = WriteRequest(shapes, local_aliases, self.metadata, None, tuple(names))
+        placeholder, order = build_header(request, dict.fromkeys(stored, _PLACEHOLDER_DIGEST))
+        digests: dict[str, str] = {}
+        with open(path, "wb") as f:
+            f.write(placeholder)
+            for name in order:
+                tensor = self.fetch(name)
+                check_saveable(self.plan[name].old, tensor)
+                digests[name] = xxh3(tensor)
+                if tensor.numel():
+                    f.write(byte_view(tensor))
+                del tensor
+                self.advance(self.plan[name].nbytes)
+            header, _ = build_header(request, digests)
+            if len(header) != len(placeholder):  # digests are fixed-width; never expected
+                raise AssertionError("safetensors header changed length after hashing")
+            f.seek(0)
+            f.write(header)
+
+    def sharded(self, folder: Path, limit: int | None) -> int:
+        """Stream into ``model-0000i-of-0000n.safetensors`` shards plus the index."""
+        groups: list[list[str]] = [[]]
+        size = 0
+        for name in self.plan:
+            if name in self.aliases:
+                continue
+            nbytes = self.plan[name].nbytes
+            if groups[-1] and limit is not None and size + nbytes > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += nbytes
+        weight_map: dict[str, str] = {}
+        for number, names in enumerate(groups, start=1):
+            file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+            local = set(names)
+            names = names + [a for a, t in self.aliases.items() if t in local]
+            self.safetensors(folder / file, names)
+            weight_map.update(dict.fromkeys(names, file))
+        index = {
+            "metadata": {"total_size": self.total, **self.metadata},
+            "weight_map": {n: weight_map[n] for n in self.plan},
+        }
+        (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return len(groups)
+
+    def in_memory(self) -> WriteRequest:
+        """Every tensor at once, for writers that need the whole state (``torch.save``)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name in self.plan:
+            if name not in self.aliases:
+                tensors[name] = self.fetch(name)
+                self.advance(self.plan[name].nbytes)
+        return WriteRequest(tensors, dict(self.aliases), self.metadata, None, tuple(self.plan))

@@ -1,0 +1,246 @@
+"""What a training checkpoint holds besides weights: optimizer, scheduler, epoch, loss, args.
+
+Optimizer and scheduler state dicts do not record their class, so the class is recognised
+from the hyperparameter names torch's optimizers and schedulers put in them (``betas`` and
+``amsgrad``: Adam; ``nesterov``: SGD; ``T_max``: CosineAnnealingLR, ...). Nothing here reads
+tensor data: files are opened on the meta device, so values stored as tensors (Adam's ``step``)
+are reported as unavailable rather than read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Optimizer param_group keys torch adds for its implementation, not training hyperparameters.
+_IMPLEMENTATION_KEYS = frozenset(
+    {"params", "foreach", "fused", "differentiable", "capturable", "param_names"}
+)
+_MAX_TEXT = 80
+
+
+@dataclass(frozen=True)
+class OptimizerSummary:
+    """One optimizer state dict.
+
+    Attributes:
+        where: its key path in the checkpoint (``optimizer_state_dict``, ``optimizer_states[0]``).
+        type: the optimizer class recognised from its hyperparameters (``"Adam"``, or
+            ``"unknown"``).
+        groups: how many parameter groups it has.
+        params: how many parameters its groups cover.
+        with_state: how many parameters have state (momentum buffers, moments, ...).
+        hyperparameters: each hyperparameter as text; values that differ between groups are
+            joined with `` | ``.
+    """
+
+    where: str
+    type: str
+    groups: int
+    params: int
+    with_state: int
+    hyperparameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SchedulerSummary:
+    """One learning-rate scheduler state dict.
+
+    Attributes:
+        where: its key path in the checkpoint.
+        type: the scheduler class recognised from its settings, or ``"unknown"``.
+        settings: its public settings and counters as text (``last_epoch``, ``step_size``, ...).
+    """
+
+    where: str
+    type: str
+    settings: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    """Everything in a checkpoint dict that is not a tensor dict.
+
+    Attributes:
+        values: plain values by key path (``epoch``, ``loss``, ``global_step``, ...).
+        settings: argument and hyperparameter collections (``args``, ``hyper_parameters``),
+            each as ``{name: text}``.
+        optimizers: optimizer state dicts found.
+        schedulers: scheduler state dicts found.
+    """
+
+    values: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, dict[str, str]] = field(default_factory=dict)
+    optimizers: tuple[OptimizerSummary, ...] = ()
+    schedulers: tuple[SchedulerSummary, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.values or self.settings or self.optimizers or self.schedulers)
+
+
+def text(value: Any) -> str:
+    """A short, readable rendering of one value (tensors by shape unless they hold a scalar)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and value.device.type != "meta":
+            return text(value.item())
+        return f"tensor{list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, float):
+        rendered = f"{value:.6g}"
+    elif isinstance(value, Mapping):
+        rendered = f"dict of {len(value)}" if value else "{}"
+    elif isinstance(value, (list, tuple)) and len(value) > 6:
+        rendered = f"{type(value).__name__} of {len(value)}"
+    elif isinstance(value, (list, tuple)):
+        inner = ", ".join(text(v) for v in value)
+        rendered = f"[{inner}]" if isinstance(value, list) else f"({inner})"
+    else:
+        rendered = repr(value) if isinstance(value, str) else str(value)
+    return rendered if len(rendered) <= _MAX_TEXT else rendered[: _MAX_TEXT - 3] + "..."
+
+
+def _is_optimizer(value: Any) -> bool:
+    return isinstance(value, Mapping) and "state" in value and "param_groups" in value
+
+
+def _is_scheduler(value: Any) -> bool:
+    return isinstance(value, Mapping) and ("last_epoch" in value or "base_lrs" in value)
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _optimizer_type(groups: Sequence[Mapping[str, Any]], state: Mapping[Any, Any]) -> str:
+    keys = set(groups[0]) if groups else set()
+    state_keys: set[str] = set()
+    for value in state.values():
+        if isinstance(value, Mapping):
+            state_keys |= {str(k) for k in value}
+    decoupled = bool(groups and groups[0].get("decoupled_weight_decay"))
+    rules: tuple[tuple[bool, str], ...] = (
+        ("history_size" in keys, "LBFGS"),
+        ("momentum_decay" in keys, "NAdam"),
+        ("beta2_decay" in keys, "Adafactor"),
+        ("nesterov" in keys or "dampening" in keys, "SGD"),
+        ("centered" in keys, "RMSprop"),
+        ("lambd" in keys and "t0" in keys, "ASGD"),
+        ("lr_decay" in keys or "initial_accumulator_value" in keys, "Adagrad"),
+        ("rho" in keys, "Adadelta"),
+        ("etas" in keys, "Rprop"),
+        ("exp_inf" in state_keys, "Adamax"),
+        ("amsgrad" in keys and decoupled, "AdamW"),
+        ("amsgrad" in keys and "decoupled_weight_decay" in keys, "Adam"),
+        ("amsgrad" in keys, "Adam or AdamW"),
+        ("decoupled_weight_decay" in keys and "betas" in keys, "RAdam"),
+        ("betas" in keys and "weight_decay" not in keys, "SparseAdam"),
+    )
+    return next((name for matched, name in rules if matched), "unknown")
+
+
+def _optimizer(where: str, value: Mapping[str, Any]) -> OptimizerSummary:
+    raw_groups = value.get("param_groups")
+    groups = (
+        [g for g in raw_groups if isinstance(g, Mapping)]
+        if isinstance(raw_groups, (list, tuple))
+        else []
+    )
+    raw_state = value.get("state")
+    state: Mapping[Any, Any] = raw_state if isinstance(raw_state, Mapping) else {}
+    hyper: dict[str, str] = {}
+    for group in groups:
+        for key in group:
+            if key not in _IMPLEMENTATION_KEYS and key not in hyper:
+                rendered = [text(g.get(key)) for g in groups]
+                distinct = list(dict.fromkeys(rendered))
+                hyper[str(key)] = distinct[0] if len(distinct) == 1 else " | ".join(rendered)
+    if hyper.get("maximize") == "False":
+        del hyper["maximize"]
+    params = sum(len(g.get("params", ())) for g in groups)
+    return OptimizerSummary(
+        where, _optimizer_type(groups, state), len(groups), params, len(state), hyper
+    )
+
+
+def _scheduler_type(keys: set[str]) -> str:
+    rules: tuple[tuple[str, str], ...] = (
+        ("_schedulers", "SequentialLR or ChainedScheduler"),
+        ("patience", "ReduceLROnPlateau"),
+        ("_schedule_phases", "OneCycleLR"),
+        ("step_ratio", "CyclicLR"),
+        ("T_0", "CosineAnnealingWarmRestarts"),
+        ("T_max", "CosineAnnealingLR"),
+        ("milestones", "MultiStepLR"),
+        ("step_size", "StepLR"),
+        ("start_factor", "LinearLR"),
+        ("lr_lambdas", "LambdaLR or MultiplicativeLR"),
+        ("power", "PolynomialLR"),
+        ("factor", "ConstantLR"),
+        ("gamma", "ExponentialLR"),
+    )
+    return next((name for key, name in rules if key in keys), "unknown")
+
+
+def _scheduler(where: str, value: Mapping[str, Any]) -> SchedulerSummary:
+    settings = {
+        str(k): text(v) for k, v in value.items() if not str(k).startswith("_") and v is not None
+    }
+    if "_last_lr" in value:
+        settings["last_lr"] = text(value["_last_lr"])
+    return SchedulerSummary(where, _scheduler_type({str(k) for k in value}), settings)
+
+
+def _settings(value: Any) -> dict[str, str] | None:
+    """``{name: text}`` for an argparse Namespace or a flat dict of plain values."""
+    if isinstance(value, (argparse.Namespace, types.SimpleNamespace)):
+        value = vars(value)
+    if not isinstance(value, Mapping) or not value:
+        return None
+    if any(isinstance(v, (Mapping, torch.Tensor)) for v in value.values()):
+        return None
+    return {str(k): text(v) for k, v in value.items()}
+
+
+def summarize(extras: Mapping[str, Any]) -> TrainingSummary:
+    """Recognise the optimizer, scheduler, counters and settings among a file's top-level values.
+
+    Args:
+        extras: a source's non-tensor top-level values (``Source.extras``), raw.
+
+    Returns:
+        A :class:`TrainingSummary`; falsy when there is nothing besides tensor dicts.
+    """
+    values: dict[str, str] = {}
+    settings: dict[str, dict[str, str]] = {}
+    optimizers: list[OptimizerSummary] = []
+    schedulers: list[SchedulerSummary] = []
+
+    def visit(where: str, value: Any, depth: int) -> None:
+        if _is_optimizer(value):
+            optimizers.append(_optimizer(where, value))
+        elif _is_scheduler(value):
+            schedulers.append(_scheduler(where, value))
+        elif (
+            isinstance(value, (list, tuple))
+            and value
+            and all(_is_optimizer(v) or _is_scheduler(v) for v in value)
+        ):
+            for i, item in enumerate(value):
+                visit(f"{where}[{i}]", item, depth + 1)
+        elif _is_tensor_dict(value):
+            return
+        elif (found := _settings(value)) is not None:
+            settings[where] = found
+        elif isinstance(value, Mapping) and value and depth < 1:
+            for key, item in value.items():
+                visit(f"{where}.{key}", item, depth + 1)
+        else:
+            values[where] = text(value)
+
+    for key, value in extras.items():
+        visit(str(key), value, 0)
+    return TrainingSummary(values, settings, tuple(optimizers), tuple(schedulers))

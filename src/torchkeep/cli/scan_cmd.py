@@ -1,0 +1,136 @@
+"""``torchkeep scan``: every global a pickle references, classified, nothing executed."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+from rich.text import Text
+
+from torchkeep._pickle_scan import PickleScanError, scan_torch_file
+from torchkeep._unpickle import Verdict, classify
+from torchkeep.cli._app import EXIT_DANGEROUS, EXIT_FOUND, EXIT_OK, debug_option, json_option
+from torchkeep.cli._output import console, emit_json, print_columns
+from torchkeep.errors import CheckpointNotFoundError, CorruptFileError
+from torchkeep.formats.registry import SAFETENSORS
+from torchkeep.formats.sharded import find_index, parse_index
+
+EPILOG = """\b
+Examples:
+  torchkeep scan downloaded.pt
+  torchkeep scan model.ckpt --json
+  torchkeep scan model.bin || echo "do not load model.bin without --trust"
+
+\b
+Verdicts: safe (on torchkeep's allowlist: tensors, containers, plain values), unknown
+(usually a class from the author's code: loading it needs that code and trusts it),
+dangerous (can run commands, evaluate code or touch files: os.system, eval, ...).
+safetensors files hold no pickle and are always safe.
+
+\b
+Exit codes (usable in CI):
+  0  safe: every global is on the allowlist (or there is no pickle)
+  1  unknown globals, none dangerous
+  2  error: no such file, not a pickle, damaged pickle
+  3  dangerous globals
+"""
+_STYLES = {"safe": "green", "unknown": "yellow", "dangerous": "red bold"}
+_RANK = {"safe": 0, "unknown": 1, "dangerous": 2}
+
+
+@dataclass
+class FileScan:
+    """The globals of one file (none for files that hold no pickle)."""
+
+    file: str
+    pickle: bool
+    globals: dict[str, Verdict] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> Verdict:
+        """The worst verdict of its globals."""
+        return max(self.globals.values(), key=lambda v: _RANK[v], default="safe")
+
+
+def _scan_file(path: Path) -> FileScan:
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if SAFETENSORS.sniff(path, head):
+        return FileScan(str(path), pickle=False)
+    try:
+        refs = scan_torch_file(path)
+    except PickleScanError as exc:
+        raise CorruptFileError(
+            f"cannot scan {str(path)!r}: it is not a pickle-based file, or it is damaged ({exc})"
+        ) from exc
+    return FileScan(str(path), True, {ref.qualname: classify(ref.qualname) for ref in refs})
+
+
+def _looks_scannable(path: Path) -> bool:
+    """Whether a file in a folder is safetensors or pickle-based (JSON, text and the like: no)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    return (
+        SAFETENSORS.sniff(path, head)
+        or head.startswith(b"PK\x03\x04")
+        or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+    )
+
+
+def scan_path(path: Path) -> list[FileScan]:
+    """Scan a file, every shard of a sharded folder, or every weights file in a folder."""
+    if not path.exists():
+        raise CheckpointNotFoundError(f"no checkpoint at {str(path)!r}: the path does not exist")
+    if not path.is_dir():
+        return [_scan_file(path)]
+    index = find_index(path)
+    if index is not None:
+        return [_scan_file(path / s) for s in sorted(set(parse_index(index).values()))]
+    files = [p for p in sorted(path.rglob("*")) if p.is_file() and _looks_scannable(p)]
+    if not files:
+        raise CheckpointNotFoundError(
+            f"folder {str(path)!r} holds no safetensors or pickle-based files to scan"
+        )
+    return [_scan_file(p) for p in files]
+
+
+@click.command("scan", epilog=EPILOG)
+@click.argument("path", type=click.Path(path_type=Path))
+@json_option
+@debug_option
+@click.pass_context
+def command(ctx: click.Context, path: Path, as_json: bool) -> None:
+    """List every global the pickles in PATH reference, classified safe, unknown or
+    dangerous, without unpickling anything."""
+    scans = scan_path(path)
+    verdict: Verdict = max((s.verdict for s in scans), key=lambda v: _RANK[v], default="safe")
+    if as_json:
+        emit_json(
+            {
+                "path": os.fspath(path),
+                "verdict": verdict,
+                "files": [
+                    {
+                        "file": s.file,
+                        "pickle": s.pickle,
+                        "verdict": s.verdict,
+                        "globals": [{"name": n, "verdict": v} for n, v in s.globals.items()],
+                    }
+                    for s in scans
+                ],
+            }
+        )
+    else:
+        out = console()
+        for scan in scans:
+            if not scan.pickle:
+                out.print(Text(f"{scan.file}: no pickle: safe", style="green"))
+                continue
+            out.print(Text(f"{scan.file}: {len(scan.globals)} globals", style="bold"))
+            print_columns(
+                out, [[Text(v, style=_STYLES[v]), name] for name, v in scan.globals.items()]
+            )
+        out.print(Text(f"verdict: {verdict}", style=_STYLES[verdict]))
+    ctx.exit({"safe": EXIT_OK, "unknown": EXIT_FOUND, "dangerous": EXIT_DANGEROUS}[verdict])

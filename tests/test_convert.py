@@ -1,0 +1,232 @@
+"""torchkeep._convert: every format to every format, options, atomicity and streaming memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import torchkeep as tk
+from torchkeep._convert import convert, parse_dtype, parse_rename, rename_map
+from torchkeep.errors import ChecksumError, InvalidStateError
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+
+# golden input -> prefix its names carry
+INPUTS = {
+    "net_state_dict.pt": "",
+    "net_state_dict_legacy.pt": "",
+    "net.safetensors": "",
+    "net_sharded": "",
+    "net_sharded_bin": "",
+    "net_checkpoint.pt": "",
+    "net_lightning.ckpt": "model.",
+    "net_dataparallel.pth": "module.",
+    "cuda_saved.pt": "",
+}
+# output name -> (format argument, format torchkeep then detects)
+OUTPUTS = {
+    "out.safetensors": (None, "safetensors"),
+    "out.pt": (None, "torch-zip"),
+    "legacy.pt": ("torch-legacy", "torch-legacy"),
+    "shards": ("sharded", "sharded"),
+}
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    return torch.load(GOLDEN / "net_state_dict.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("output", sorted(OUTPUTS))
+@pytest.mark.parametrize("source", sorted(INPUTS))
+def test_every_input_to_every_output(
+    tmp_path: Path, source: str, output: str, reference: dict[str, torch.Tensor]
+) -> None:
+    fmt, detected = OUTPUTS[output]
+    prefix = INPUTS[source]
+    dest = tmp_path / output
+    result = convert(GOLDEN / source, dest, format=fmt, strip_prefix=[prefix] if prefix else [])
+    assert result.format == ("torch-zip" if detected == "torch-zip" else detected)
+    assert result.tensors == 9
+    assert result.nbytes == 724
+    assert len(result.renamed) == (9 if prefix else 0)
+    assert tk.inspect(dest).format == detected
+    state = tk.load_state_dict(dest, verify=True)
+    assert sorted(state) == sorted(reference)
+    for name, value in reference.items():
+        assert torch.equal(state[name], value), name
+        assert state[name].dtype == value.dtype
+
+
+def test_output_loads_in_other_tools(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
+    convert(GOLDEN / "net_checkpoint.pt", tmp_path / "m.safetensors")
+    state = safetensors.torch.load_file(tmp_path / "m.safetensors")
+    assert all(torch.equal(state[k], v) for k, v in reference.items())
+    convert(GOLDEN / "net.safetensors", tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert all(torch.equal(loaded[k], v) for k, v in reference.items())
+
+
+@pytest.mark.parametrize("output", ["tied.safetensors", "tied.pt", "tied_shards"])
+def test_tied_weights_stay_tied(tmp_path: Path, output: str) -> None:
+    dest = tmp_path / output
+    result = convert(GOLDEN / "tied.pt", dest, shard_size="1GB" if "shards" in output else None)
+    assert result.tensors == 2
+    assert result.nbytes == 160  # stored once
+    state = tk.load_state_dict(dest)
+    assert torch.equal(state["emb.weight"], state["head.weight"])
+    assert state["emb.weight"].data_ptr() == state["head.weight"].data_ptr()
+
+
+def test_dtype_casts_floats_only(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
+    dest = tmp_path / "half.safetensors"
+    result = convert(GOLDEN / "net.safetensors", dest, dtype="bf16")
+    assert sorted(result.cast) == sorted(k for k in reference if k != "bn.num_batches_tracked")
+    assert result.nbytes == (724 - 8) // 2 + 8
+    state = tk.load_state_dict(dest, verify=True)
+    assert state["conv.weight"].dtype == torch.bfloat16
+    assert torch.equal(state["conv.weight"], reference["conv.weight"].bfloat16())
+    assert state["bn.num_batches_tracked"].dtype == torch.int64
+
+
+def test_sharding_respects_the_limit(tmp_path: Path) -> None:
+    source = tmp_path / "m.safetensors"
+    tk.save({f"w{i}": torch.randn(100) for i in range(10)}, source)  # 400 bytes each
+    dest = tmp_path / "shards"
+    result = convert(source, dest, shard_size=1000)
+    assert result.files == 5
+    index = json.loads((dest / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 4000
+    for shard in set(index["weight_map"].values()):
+        assert (dest / shard).stat().st_size < 1000 + 1000  # data under the limit + header
+    assert tk.load_state_dict(dest, verify=True).keys() == tk.load_state_dict(source).keys()
+
+
+def test_metadata_is_carried_over(tmp_path: Path) -> None:
+    source = tmp_path / "m.safetensors"
+    tk.save({"w": torch.ones(2)}, source, metadata={"author": "me"})
+    dest = tmp_path / "o.safetensors"
+    convert(source, dest, metadata={"note": "converted"})
+    info = tk.inspect(dest)
+    assert info.metadata["author"] == "me"
+    assert info.metadata["note"] == "converted"
+
+
+def test_checksums_in_the_output_catch_damage(tmp_path: Path) -> None:
+    dest = tmp_path / "m.safetensors"
+    convert(GOLDEN / "net_state_dict.pt", dest)
+    data = bytearray(dest.read_bytes())
+    data[-1] ^= 0x10
+    dest.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError):
+        tk.load_state_dict(dest, verify=True)
+
+
+def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchkeep import _convert
+
+    calls = {"n": 0}
+    original = _convert._Writer.fetch
+
+    def failing(self: _convert._Writer, name: str) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full (simulated)")
+        return original(self, name)
+
+    monkeypatch.setattr(_convert._Writer, "fetch", failing)
+    dest = tmp_path / "m.safetensors"
+    dest.write_bytes(b"previous contents")
+    with pytest.raises(OSError, match="simulated"):
+        convert(GOLDEN / "net.safetensors", dest)
+    assert dest.read_bytes() == b"previous contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    calls["n"] = 0
+    with pytest.raises(OSError, match="simulated"):
+        convert(GOLDEN / "net.safetensors", tmp_path / "shards", shard_size=300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_unstorable_dtype_is_refused_for_safetensors(tmp_path: Path) -> None:
+    source = tmp_path / "c.pt"
+    torch.save({"c": torch.zeros(2, dtype=torch.complex128)}, source)
+    with pytest.raises(InvalidStateError, match="safetensors cannot store"):
+        convert(source, tmp_path / "c.safetensors")
+    assert not (tmp_path / "c.safetensors").exists()
+    convert(source, tmp_path / "c2.pt")  # torch files hold it
+
+
+def test_parse_helpers() -> None:
+    assert parse_dtype("bf16") is torch.bfloat16
+    assert parse_dtype("torch.float16") is torch.float16
+    with pytest.raises(ValueError, match="floating point"):
+        parse_dtype("int8")
+    assert parse_rename(r"^a(?=b)=c") == (r"^a(?=b)", "c")
+    with pytest.raises(ValueError):
+        parse_rename("abc")
+    names = ["module.a.w", "module.b.w", "c"]
+    assert rename_map(names, strip_prefix=["module."], rename=[(r"^a\.", "x.")]) == {
+        "x.w": "module.a.w",
+        "b.w": "module.b.w",
+        "c": "c",
+    }
+    with pytest.raises(ValueError, match="empty name"):
+        rename_map(["module."], strip_prefix=["module."])
+
+
+def _peak_rss_mib(args: list[str]) -> float:
+    """VmHWM of a fresh ``torchkeep`` process (ru_maxrss would inherit the forking parent's)."""
+    code = (
+        "import sys\nfrom torchkeep.cli import main\n"
+        "try:\n    main(args=sys.argv[1:], prog_name='torchkeep')\n"
+        "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+        "print('PEAK', hwm.split()[1], file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
+    )
+    assert "PEAK" in done.stderr, done.stderr
+    return int(done.stderr.split("PEAK")[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_streaming_peak_memory_stays_near_the_largest_tensor(tmp_path: Path) -> None:
+    source = tmp_path / "big.safetensors"
+    largest = 16 << 20
+    tensors = {f"layer{i}.weight": torch.randn(1 << 20) for i in range(48)}  # 48 x 4 MiB
+    tensors["embed.weight"] = torch.randn(largest // 4)
+    safetensors.torch.save_file(tensors, source)
+    del tensors
+    size_mib = source.stat().st_size / 2**20
+    assert size_mib > 200
+    baseline = _peak_rss_mib(["inspect", str(source)])
+    streamed = {
+        "safetensors": _peak_rss_mib(["convert", str(source), str(tmp_path / "o.safetensors")]),
+        "bf16": _peak_rss_mib(
+            ["convert", str(source), str(tmp_path / "b.safetensors"), "--dtype", "bfloat16"]
+        ),
+        "sharded": _peak_rss_mib(
+            ["convert", str(source), str(tmp_path / "shards"), "--shard-size", "50MB"]
+        ),
+    }
+    whole = _peak_rss_mib(["convert", str(source), str(tmp_path / "o.pt")])
+    print(
+        f"\nfile {size_mib:.0f} MiB, baseline (inspect) {baseline:.0f} MiB; over baseline: "
+        + ", ".join(f"{k} +{v - baseline:.0f} MiB" for k, v in streamed.items())
+        + f"; torch zip (not streamed) +{whole - baseline:.0f} MiB"
+    )
+    for label, peak in streamed.items():
+        assert peak - baseline < 4 * largest / 2**20, (label, peak, baseline)
+    # The measurement can tell: writing with torch.save holds the whole file.
+    assert whole - baseline > 0.8 * size_mib
+    assert (
+        tk.load_state_dict(tmp_path / "shards", verify=True).keys()
+        == tk.load_state_dict(tmp_path / "o.safetensors", verify=True).keys()
+    )
