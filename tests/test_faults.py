@@ -146,7 +146,10 @@ def calls_in_one_save(name: str, save: Callable[[], object]) -> int:
     return int(counter.calls)  # type: ignore[attr-defined]
 
 
-STATE: dict[str, Any] = {"weights": {f"w{i}": torch.full((50,), float(i)) for i in range(4)}, "epoch": 1}
+STATE: dict[str, Any] = {
+    "weights": {f"w{i}": torch.full((50,), float(i)) for i in range(4)},
+    "epoch": 1,
+}
 
 
 @pytest.mark.parametrize("call", ["write", "fsync"])

@@ -31,6 +31,7 @@ from torchkeep.checkpoint import (
     write_native,
 )
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, TorchkeepError
+from torchkeep.io.recycle import BIN_NAME, RecycleBin
 from torchkeep.retention import (
     AnyOf,
     Checkpoint,
@@ -64,6 +65,10 @@ class CheckpointManager:
         keep_every: also keep every checkpoint whose step is a multiple of this.
         policy: a retention policy object instead of the keyword shortcuts.
         max_shard_size: largest safetensors shard of each checkpoint.
+        recycle: keep the files of the checkpoints retention deletes in a hidden folder
+            (``.recycle.torchkeep``) until the next save overwrites them, which is several
+            times faster than writing new files, at the cost of holding that much more disk
+            space between saves.
 
     With no policy and no shortcut every checkpoint is kept. The newest checkpoint is never
     deleted. One process should write to a folder at a time.
@@ -85,6 +90,7 @@ class CheckpointManager:
         keep_every: int | None = None,
         policy: RetentionPolicy | None = None,
         max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+        recycle: bool = False,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -97,6 +103,7 @@ class CheckpointManager:
         self._pending: Future[Path] | None = None
         self._lock = threading.RLock()
         self._staging = StagingPool()
+        self._bin = RecycleBin(self.directory / BIN_NAME) if recycle else None
         self._metrics: dict[str, tuple[tuple[int, int], dict[str, float]]] = {}
         self._closed = False
 
@@ -232,7 +239,9 @@ class CheckpointManager:
                 allow_pickle=allow_pickle,
                 metrics=metrics,
                 metadata=metadata,
-                staging=self._staging,
+                # A blocking save holds the caller until the files are written, so the live
+                # tensors cannot change meanwhile: copying them first would only cost time.
+                staging=None if blocking else self._staging,
             )
             self._pending = self._executor.submit(self._commit, snapshot, step)
             if blocking:
@@ -243,9 +252,19 @@ class CheckpointManager:
         target = self.path(step)
         if target.is_dir() and not (target / MANIFEST).is_file():
             shutil.rmtree(target)  # a torn folder of this step: never a checkpoint
-        path = write_native(snapshot, target, max_shard_size=self._max_shard_size)
+        # The newest other checkpoint: its unchanged frozen shards are hard-linked.
+        previous = next((p for s, p in reversed(self._committed()) if s != step), None)
+        path = write_native(
+            snapshot,
+            target,
+            max_shard_size=self._max_shard_size,
+            previous=previous,
+            recycle=self._bin,
+        )
         # Only after a successful commit: a failed save must never cost an older checkpoint.
         self._remove_torn()
+        if self._bin is not None:
+            self._bin.clear()  # what this save did not take is not worth keeping longer
         for checkpoint in to_delete(self.policy, self.checkpoints(), protect={step}):
             self._delete(checkpoint.path)
         return path
@@ -265,6 +284,8 @@ class CheckpointManager:
         except OSError as exc:
             warnings.warn(f"retention could not delete {path}: {exc}", RuntimeWarning, stacklevel=2)
             return
+        if self._bin is not None:
+            self._bin.retire(hidden)
         shutil.rmtree(hidden, ignore_errors=True)
 
     def _finish(self) -> None:
