@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from torchkeep._tensors import TensorInfo
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 from torchkeep.formats.safetensors import SafetensorsFormat, SafetensorsSource
+from torchkeep.io._sys import io_threads
 from torchkeep.io.read import ReadExtent, read_extents
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -180,22 +182,24 @@ class ShardedFormat:
         count = len(groups)
         weight_map: dict[str, str] = {}
         writer = SafetensorsFormat()
+        shards: list[tuple[WriteRequest, Path]] = []
         for number, names in enumerate(groups, start=1):
             file = f"model-{number:05d}-of-{count:05d}.safetensors"
             local = set(names)
             aliases = {a: t for a, t in request.aliases.items() if t in local}
-            # Each shard is written by the parallel writer; shards of the usual sizes (GBs)
-            # keep every thread busy on their own.
-            writer.write(
-                WriteRequest(
-                    tensors={n: request.tensors[n] for n in names},
-                    aliases=aliases,
-                    metadata=request.metadata,
-                    durable=request.durable,
-                ),
-                path / file,
+            shard = WriteRequest(
+                tensors={n: request.tensors[n] for n in names},
+                aliases=aliases,
+                metadata=request.metadata,
+                durable=request.durable,
             )
+            shards.append((shard, path / file))
             weight_map.update({n: file for n in [*names, *aliases]})
+        # Shards side by side: writes to one file take turns on its inode lock, writes to
+        # different files do not.
+        with ThreadPoolExecutor(min(io_threads(), len(shards)), "torchkeep-shard") as pool:
+            for done in [pool.submit(writer.write, *shard) for shard in shards]:
+                done.result()
         total = sum(t.numel() * t.element_size() for t in request.tensors.values())
         index: dict[str, Any] = {
             "metadata": {"total_size": total, **request.metadata},

@@ -177,6 +177,8 @@ def read_extents(extents: Sequence[ReadExtent], *, threads: int | None = None) -
 
 
 def _read_parallel(extents: Sequence[ReadExtent], threads: int | None) -> None:
+    if not extents:
+        return
     ordered = sorted(extents, key=lambda e: (e.fd, e.offset))
     total = sum(e.dest.nbytes for e in ordered)
     count = io_threads(threads)
