@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ def main() -> None:
     model = make_model(megabytes, seed=1)
     state = model.state_dict()
     largest = max(t.numel() * t.element_size() for t in state.values())
-    operations = {
+    operations: dict[str, Callable[[], object]] = {
         "torchkeep save": lambda: tk.save(model, folder / "mem.safetensors", durable=False),
         "torch save": lambda: torch.save(state, folder / "mem.pt"),
         "safetensors save": lambda: save_file(state, folder / "mem-st.safetensors"),

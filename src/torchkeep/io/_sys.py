@@ -10,7 +10,9 @@ from collections.abc import Callable
 
 # Python has no binding for sync_file_range(2); ctypes releases the GIL around the call.
 _SYNC_FILE_RANGE_WRITE = 2
-_IOV_MAX = 1024
+
+IOV_MAX = 1024
+"""Most buffers one ``preadv``/``pwritev`` call takes (Linux's limit)."""
 
 
 def io_threads(requested: int | None = None) -> int:
@@ -53,5 +55,3 @@ start_writeback = _load_sync_file_range()
 Called while later bytes are still being copied, it lets the disk work during the copy, so the
 final fsync only waits for the tail. None where the call does not exist (not Linux).
 """
-
-IOV_MAX = _IOV_MAX
