@@ -196,7 +196,8 @@ class ShardedFormat:
             shards.append((shard, path / file))
             weight_map.update({n: file for n in [*names, *aliases]})
         # Shards side by side: writes to one file take turns on its inode lock, writes to
-        # different files do not.
+        # different files do not. Largest first, so that the last one to start is short.
+        shards.sort(key=lambda shard: -sum(t.nbytes for t in shard[0].tensors.values()))
         with ThreadPoolExecutor(min(io_threads(), len(shards)), "torchkeep-shard") as pool:
             for done in [pool.submit(writer.write, *shard) for shard in shards]:
                 done.result()
