@@ -7,11 +7,13 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup demo test lint typecheck clean
+.PHONY: help setup demo test lint typecheck bench clean
 
 help:
 	@echo "make demo   set up .venv and run the demonstration"
 	@echo "make test   set up .venv and run lint, type checks and the test suite"
+	@echo "make bench  compare torchkeep with torch, safetensors and raw I/O (~1 GB state;"
+	@echo "            TK_BENCH_MB=128 for a quick run); writes bench-output/results.json"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +37,9 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(PY) -m pytest -q
 
+# Not part of `test`: it takes minutes and needs a few GB of free disk and memory.
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py
+
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo-output bench-output .pytest_cache .mypy_cache .ruff_cache

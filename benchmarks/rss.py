@@ -79,7 +79,7 @@ def child(method: str, folder: str, layers: int) -> dict[str, float]:
     else:
         raise ValueError(method)
     seconds = time.perf_counter() - started
-    total = sum(float(p.sum()) for p in model.parameters())  # type: ignore[attr-defined]
+    total = sum(float(p.sum()) for p in model.parameters())  # type: ignore[attr-defined,misc]
     return {"growth_mb": _peak_mb() - base, "seconds": seconds, "checksum": total}
 
 

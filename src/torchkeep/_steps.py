@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from torchkeep.checkpoint import MANIFEST, Snapshot, read_manifest, write_native
 from torchkeep.errors import CorruptFileError
+from torchkeep.io.recycle import RecycleBin
 from torchkeep.storage.local import TEMP_MARKER, temp_sibling
 from torchkeep.storage.remote import COMMIT_MARKERS, RemoteFolder, downloaded, uploaded
 
@@ -67,6 +68,8 @@ class LocalSteps:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+        # Set by CheckpointManager(recycle=True): deleted checkpoints' files are kept there.
+        self.recycle: RecycleBin | None = None
 
     def location(self, step: int) -> Path:
         return self.directory / step_name(step)
@@ -152,6 +155,8 @@ class LocalSteps:
         except OSError as exc:
             warnings.warn(f"retention could not delete {path}: {exc}", RuntimeWarning, stacklevel=2)
             return
+        if self.recycle is not None:
+            self.recycle.retire(hidden)
         shutil.rmtree(hidden, ignore_errors=True)
         self._cache.pop(str(path), None)
 

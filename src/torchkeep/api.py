@@ -204,7 +204,7 @@ def save(
         name: _compact(to_cpu_contiguous(t)) for name, t in state.items() if name not in aliases
     }
     text = {str(k): str(v) for k, v in (metadata or {}).items()}
-    request = WriteRequest(tensors, aliases, text, shard_bytes, tuple(state))
+    request = WriteRequest(tensors, aliases, text, shard_bytes, tuple(state), durable=durable)
     if fmt.is_folder:
         with atomic_dir(target, durable=durable) as temp_dir:
             fmt.write(request, temp_dir)
@@ -528,8 +528,7 @@ def load(
             assign_into(model, source, chosen, fits, dest)
             return report
         with torch.no_grad():
-            for dst, src in fits:
-                source.read_into(chosen, src, dest[dst])
+            source.read_into_many(chosen, [(src, dest[dst]) for dst, src in fits])
     return report
 
 

@@ -21,7 +21,6 @@ import shutil
 import uuid
 import zipfile
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +30,7 @@ import torch
 import xxhash
 
 from torchkeep import _state
-from torchkeep._tensors import byte_view, dtype_name, to_cpu_contiguous, xxh3
+from torchkeep._tensors import dtype_name, to_cpu_contiguous, xxh3
 from torchkeep._tree import (
     Flattener,
     Unflattener,
@@ -51,8 +50,10 @@ from torchkeep.errors import (
     TorchkeepError,
     UnsafeFileError,
 )
-from torchkeep.formats._base import OpenOptions, WriteRequest
-from torchkeep.formats.safetensors import SafetensorsSource, build_header
+from torchkeep.formats._base import OpenOptions
+from torchkeep.formats.safetensors import SafetensorsSource
+from torchkeep.io.recycle import RecycleBin
+from torchkeep.io.shards import frozen_names, write_shards
 from torchkeep.storage.local import TEMP_MARKER, atomic_dir, atomic_file, temp_sibling
 
 PathLike = str | os.PathLike[str]
@@ -63,7 +64,6 @@ MANIFEST = "checkpoint.json"
 OBJECTS = "objects.pkl"
 PT_META = "__torchkeep__"
 DEFAULT_SHARD_SIZE = "256MB"
-_WRITERS = 4
 _PT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar")
 
 
@@ -72,11 +72,16 @@ _PT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar")
 
 @dataclass
 class Snapshot:
-    """A state frozen for writing: the manifest without its tensor table, and the tensors."""
+    """A state frozen for writing: the manifest without its tensor table, and the tensors.
+
+    ``frozen`` names the tensors that are frozen parameters (``requires_grad=False``), which
+    get shards of their own so that unchanged ones can be hard-linked by the next save.
+    """
 
     manifest: dict[str, Any]
     tensors: dict[str, torch.Tensor]
     objects: bytes | None
+    frozen: frozenset[str] = frozenset()
 
 
 class StagingPool:
@@ -182,6 +187,7 @@ def take_snapshot(
         entries[name] = entry
     rng_node = flattener.encode(_state.capture_rng(), "__rng__") if rng else None
     objects = pickle.dumps(flattener.objects, protocol=5) if flattener.objects else None
+    frozen = frozen_names(state, flattener.tensors)  # before staging replaces the tensors
     if staging is not None:
         tensors = staging.stage(flattener.tensors)
     else:
@@ -199,7 +205,7 @@ def take_snapshot(
         "rng": rng_node,
         "objects": {"file": OBJECTS, "paths": flattener.pickled_paths} if objects else None,
     }
-    return Snapshot(manifest, tensors, objects)
+    return Snapshot(manifest, tensors, objects, frozen)
 
 
 # --------------------------------------------------------------------------------- write
@@ -225,42 +231,22 @@ def _write_file(path: Path, chunks: list[memoryview]) -> None:
         os.close(fd)
 
 
-def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    checksums = {name: xxh3(tensor) for name, tensor in tensors.items()}
-    header, order = build_header(WriteRequest(tensors), checksums)
-    chunks = [memoryview(header)]
-    chunks += [memoryview(byte_view(tensors[n])) for n in order if tensors[n].numel()]
-    _write_file(path, chunks)
-    return checksums
-
-
-def plan_shards(
-    tensors: Mapping[str, torch.Tensor], max_bytes: int
-) -> list[dict[str, torch.Tensor]]:
-    """Group tensors, in order, into shards of at most ``max_bytes`` (a bigger one alone)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    return shards if shards[0] else []
-
-
-def _fill(folder: Path, snapshot: Snapshot, max_bytes: int) -> dict[str, Any]:
-    shards = plan_shards(snapshot.tensors, max_bytes)
-    names = [f"tensors-{i:05d}.safetensors" for i in range(len(shards))]
-    if len(shards) > 1:
-        with ThreadPoolExecutor(min(_WRITERS, len(shards)), "torchkeep-shard") as pool:
-            futures = [
-                pool.submit(_write_shard, folder / n, s) for n, s in zip(names, shards, strict=True)
-            ]
-            sums = [f.result() for f in futures]
-    else:
-        sums = [_write_shard(folder / n, s) for n, s in zip(names, shards, strict=True)]
+def _fill(
+    folder: Path,
+    snapshot: Snapshot,
+    max_bytes: int,
+    previous: Path | None = None,
+    recycle: RecycleBin | None = None,
+) -> dict[str, Any]:
+    shards = write_shards(
+        folder,
+        snapshot.tensors,
+        max_bytes,
+        frozen=snapshot.frozen,
+        previous=previous,
+        recycle=recycle,
+    )
+    names, sums = shards.files, shards.checksums
     manifest = dict(snapshot.manifest)
     manifest["tensors"] = {
         name: {
@@ -270,7 +256,7 @@ def _fill(folder: Path, snapshot: Snapshot, max_bytes: int) -> dict[str, Any]:
             "nbytes": t.numel() * t.element_size(),
             "xxh3": checksums[name],
         }
-        for file, shard, checksums in zip(names, shards, sums, strict=True)
+        for file, shard, checksums in zip(names, shards.shards, sums, strict=True)
         for name, t in shard.items()
     }
     manifest["files"] = {n: {"bytes": (folder / n).stat().st_size} for n in names}
@@ -333,8 +319,23 @@ def _write_error(exc: OSError, target: Path, undone: bool = True) -> CheckpointW
     return CheckpointWriteError(message)
 
 
-def write_native(snapshot: Snapshot, path: PathLike, *, max_shard_size: int | str) -> Path:
+def write_native(
+    snapshot: Snapshot,
+    path: PathLike,
+    *,
+    max_shard_size: int | str,
+    previous: Path | None = None,
+    recycle: RecycleBin | None = None,
+) -> Path:
     """Write ``snapshot`` as a native checkpoint folder at ``path``, atomically.
+
+    Args:
+        snapshot: the captured state.
+        path: the checkpoint folder.
+        max_shard_size: the largest shard.
+        previous: a committed checkpoint whose unchanged frozen shards are hard-linked
+            rather than written again (see :mod:`torchkeep.io.shards`).
+        recycle: retired files to overwrite instead of creating new ones.
 
     Raises:
         CheckpointWriteError: the disk refused a write or fsync; nothing was committed.
@@ -350,7 +351,7 @@ def write_native(snapshot: Snapshot, path: PathLike, *, max_shard_size: int | st
     max_bytes = parse_size(max_shard_size)
     try:
         with atomic_dir(target) as temp:
-            _fill(temp, snapshot, max_bytes)
+            _fill(temp, snapshot, max_bytes, previous, recycle)
     except BaseException as exc:
         undone = _undo(target, snapshot.manifest["id"])
         if isinstance(exc, OSError) and not isinstance(exc, TorchkeepError):

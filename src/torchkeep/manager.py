@@ -10,6 +10,7 @@ folder, so a new manager after a restart governs the older checkpoints too.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -24,6 +25,7 @@ from torchkeep._steps import LocalSteps, Location, RemoteSteps, Steps
 from torchkeep._tree import Unflattener
 from torchkeep.checkpoint import (
     DEFAULT_SHARD_SIZE,
+    MANIFEST,
     Snapshot,
     StagingPool,
     load_checkpoint,
@@ -31,6 +33,7 @@ from torchkeep.checkpoint import (
     write_native,
 )
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, TorchkeepError
+from torchkeep.io.recycle import BIN_NAME, RecycleBin
 from torchkeep.retention import (
     AnyOf,
     Checkpoint,
@@ -67,6 +70,10 @@ class CheckpointManager:
             group is initialized and a module is DDP or holds DTensors (FSDP2). Restoring
             follows what each checkpoint is, and reshards to the current world size.
         storage_options: fsspec options for a URL ``directory`` (``{"endpoint_url": ...}``).
+        recycle: keep the files of the checkpoints retention deletes in a hidden folder
+            (``.recycle.torchkeep``) until the next save overwrites them, which is several
+            times faster than writing new files, at the cost of holding that much more disk
+            space between saves. Local folders only.
 
     With no policy and no shortcut every checkpoint is kept. The newest checkpoint is never
     deleted. One process (in a distributed run: one job, every rank calling ``save`` and
@@ -91,6 +98,7 @@ class CheckpointManager:
         max_shard_size: int | str = DEFAULT_SHARD_SIZE,
         distributed: bool | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        recycle: bool = False,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -113,6 +121,12 @@ class CheckpointManager:
         self._pending: Future[Location] | None = None
         self._lock = threading.RLock()
         self._staging = StagingPool()
+        self._bin: RecycleBin | None = None
+        if recycle:
+            if not isinstance(self._steps, LocalSteps):
+                raise ValueError("recycle=True works on local folders only")
+            self._bin = RecycleBin(Path(self.directory) / BIN_NAME)
+            self._steps.recycle = self._bin
         self._closed = False
 
     def _policy(
@@ -250,7 +264,9 @@ class CheckpointManager:
                 allow_pickle=allow_pickle,
                 metrics=metrics,
                 metadata=metadata,
-                staging=self._staging,
+                # A blocking save holds the caller until the files are written, so the live
+                # tensors cannot change meanwhile: copying them first would only cost time.
+                staging=None if blocking else self._staging,
             )
             self._pending = self._executor.submit(self._commit, snapshot, step)
             if blocking:
@@ -278,8 +294,22 @@ class CheckpointManager:
         return self._group
 
     def _commit(self, snapshot: Snapshot, step: int) -> Location:
-        path = self._steps.write_native(snapshot, step, self._max_shard_size, write_native)
-        self._retain(step)
+        writer: Any = write_native
+        if isinstance(self._steps, LocalSteps):
+            # The newest other checkpoint: its unchanged frozen shards are hard-linked.
+            previous = next(
+                (
+                    Path(p)
+                    for s, p in reversed(self._steps.committed())
+                    if s != step and (Path(p) / MANIFEST).is_file()
+                ),
+                None,
+            )
+            writer = functools.partial(write_native, previous=previous, recycle=self._bin)
+        path = self._steps.write_native(snapshot, step, self._max_shard_size, writer)
+        if self._bin is not None:
+            self._bin.clear()  # what this save did not take is not worth keeping longer
+        self._retain(step)  # retires the checkpoints retention drops into the bin
         return path
 
     def torn(self) -> list[Location]:

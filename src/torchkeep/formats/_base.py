@@ -8,7 +8,7 @@ or more *entries*: flat tensor dicts found in the file (the root of a state-dict
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -79,6 +79,12 @@ class Source:
         with torch.no_grad():
             dest.copy_(self.get(entry, name))
 
+    def read_into_many(self, entry: str, pairs: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Copy each ``(name, dest)`` pair's tensor into ``dest``; formats that can read in
+        parallel, straight into the destinations, do so."""
+        for name, dest in pairs:
+            self.read_into(entry, name, dest)
+
     def verify(self, entry: str | None = None) -> None:
         """Check stored checksums, raising :class:`~torchkeep.errors.ChecksumError`.
 
@@ -97,13 +103,17 @@ class Source:
 
 @dataclass(frozen=True)
 class WriteRequest:
-    """A flat state to write: tensors (contiguous, CPU), aliases and string metadata."""
+    """A flat state to write: tensors (contiguous, CPU), aliases and string metadata.
+
+    ``durable`` says the caller fsyncs the result, so writers may start writeback early.
+    """
 
     tensors: Mapping[str, torch.Tensor]
     aliases: Mapping[str, str] = field(default_factory=dict)
     metadata: Mapping[str, str] = field(default_factory=dict)
     max_shard_bytes: int | None = None
     order: tuple[str, ...] = ()
+    durable: bool = False
 
     def ordered_names(self) -> list[str]:
         """Every name, aliases included, in the caller's original order."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from torchkeep._tensors import (
 )
 from torchkeep.errors import ChecksumError, CorruptFileError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.io.read import ReadExtent, read_extents
+from torchkeep.io.write import FilePlan, Slot, write_files
 
 ALIASES_KEY = "torchkeep.aliases"
 CHECKSUMS_KEY = "torchkeep.xxh3"
@@ -175,18 +178,47 @@ class SafetensorsSource(Source):
         self._read(stored, spec, out)
         return out if self._device == "cpu" else out.to(self._device)
 
-    def read_into(self, entry: str, name: str, dest: torch.Tensor) -> None:
-        stored, spec = self._stored(name)
-        direct = (
+    def _direct(self, spec: _Entry, dest: torch.Tensor) -> bool:
+        return (
             dest.device.type == "cpu"
             and dest.dtype == spec.dtype
             and dest.is_contiguous()
             and tuple(dest.shape) == spec.shape
         )
-        if direct:
+
+    def read_into(self, entry: str, name: str, dest: torch.Tensor) -> None:
+        stored, spec = self._stored(name)
+        if self._direct(spec, dest):
             # Straight into the parameter's memory: no temporary copy.
             self._read(stored, spec, dest.data)
         else:
+            super().read_into(entry, name, dest)
+
+    def plan_reads(
+        self, pairs: Sequence[tuple[str, torch.Tensor]]
+    ) -> tuple[list[ReadExtent], list[tuple[str, torch.Tensor]]]:
+        """Extents for the pairs that can be read straight into their destination, and the rest.
+
+        A destination qualifies when it is a contiguous CPU tensor of the stored dtype and
+        shape; the others need a cast or a device copy.
+        """
+        extents: list[ReadExtent] = []
+        rest: list[tuple[str, torch.Tensor]] = []
+        for name, dest in pairs:
+            stored, spec = self._stored(name)
+            if self._direct(spec, dest):
+                offset = self._data_start + spec.begin
+                extents.append(
+                    ReadExtent(self._fd, offset, byte_view(dest.data), self.path, stored)
+                )
+            else:
+                rest.append((name, dest))
+        return extents, rest
+
+    def read_into_many(self, entry: str, pairs: Sequence[tuple[str, torch.Tensor]]) -> None:
+        extents, rest = self.plan_reads(pairs)
+        read_extents(extents)
+        for name, dest in rest:
             super().read_into(entry, name, dest)
 
     def verify(self, entry: str | None = None) -> None:
@@ -275,14 +307,39 @@ class SafetensorsFormat:
         return SafetensorsSource(path, options)
 
     def write(self, request: WriteRequest, path: Path) -> None:
-        checksums = {name: xxh3(t) for name, t in request.tensors.items()}
-        header, order = build_header(request, checksums)
-        with open(path, "wb") as f:
-            f.write(header)
-            for name in order:
-                view = byte_view(request.tensors[name])
-                if view.nbytes:
-                    f.write(view)
+        write_files([file_plan(request, path)], durable=request.durable)
+
+
+def file_plan(
+    request: WriteRequest,
+    path: Path,
+    *,
+    known: Mapping[str, str] | None = None,
+    reuse: bool = False,
+) -> FilePlan:
+    """Where every byte of ``request`` goes in a safetensors file, for the parallel writer.
+
+    The header is sized with placeholder checksums: xxh3 digests are always 16 hex digits, so
+    the header built from the real ones, after the data is written, has the same length.
+
+    Args:
+        request: the tensors (contiguous, on the CPU), aliases and metadata.
+        path: the file to write.
+        known: checksums already computed for some tensors.
+        reuse: ``path`` is an existing file to overwrite in place.
+    """
+    header, order = build_header(request, dict.fromkeys(request.tensors, "0" * 16))
+    slots: list[Slot] = []
+    offset = len(header)
+    for name in order:
+        view = byte_view(request.tensors[name])
+        slots.append(Slot(name, view, offset))
+        offset += view.nbytes
+
+    def make_header(checksums: Mapping[str, str]) -> bytes:
+        return build_header(request, dict(checksums))[0]
+
+    return FilePlan(path, len(header), make_header, slots, dict(known or {}), reuse)
 
 
 def checksum_bytes(data: bytes) -> str:

@@ -8,7 +8,8 @@ folders written here load there and the other way round.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ import torch
 from torchkeep._tensors import TensorInfo
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
-from torchkeep.formats.safetensors import SafetensorsFormat
+from torchkeep.formats.safetensors import SafetensorsFormat, SafetensorsSource
+from torchkeep.io._sys import io_threads
+from torchkeep.io.read import ReadExtent, read_extents
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 _INDEX_PREFERENCE = (SAFETENSORS_INDEX, "pytorch_model.bin.index.json")
@@ -115,6 +118,25 @@ class ShardedSource(Source):
         shard = self._shard(self._weight_map[name])
         shard.read_into(self._entry_of(shard), name, dest)
 
+    def read_into_many(self, entry: str, pairs: Sequence[tuple[str, torch.Tensor]]) -> None:
+        by_shard: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        for name, dest in pairs:
+            by_shard.setdefault(self._weight_map[name], []).append((name, dest))
+        extents: list[ReadExtent] = []
+        rest: list[tuple[str, torch.Tensor]] = []
+        for file, wanted in by_shard.items():
+            shard = self._shard(file)
+            if isinstance(shard, SafetensorsSource):
+                direct, others = shard.plan_reads(wanted)
+                extents += direct
+                rest += others
+            else:
+                rest += wanted
+        # One parallel read across every shard, so the threads stay busy to the end.
+        read_extents(extents)
+        for name, dest in rest:
+            self.read_into(entry, name, dest)
+
     def verify(self, entry: str | None = None) -> None:
         for file in sorted(set(self._weight_map.values())):
             self._shard(file).verify()
@@ -160,19 +182,25 @@ class ShardedFormat:
         count = len(groups)
         weight_map: dict[str, str] = {}
         writer = SafetensorsFormat()
+        shards: list[tuple[WriteRequest, Path]] = []
         for number, names in enumerate(groups, start=1):
             file = f"model-{number:05d}-of-{count:05d}.safetensors"
             local = set(names)
             aliases = {a: t for a, t in request.aliases.items() if t in local}
-            writer.write(
-                WriteRequest(
-                    tensors={n: request.tensors[n] for n in names},
-                    aliases=aliases,
-                    metadata=request.metadata,
-                ),
-                path / file,
+            shard = WriteRequest(
+                tensors={n: request.tensors[n] for n in names},
+                aliases=aliases,
+                metadata=request.metadata,
+                durable=request.durable,
             )
+            shards.append((shard, path / file))
             weight_map.update({n: file for n in [*names, *aliases]})
+        # Shards side by side: writes to one file take turns on its inode lock, writes to
+        # different files do not. Largest first, so that the last one to start is short.
+        shards.sort(key=lambda shard: -sum(t.nbytes for t in shard[0].tensors.values()))
+        with ThreadPoolExecutor(min(io_threads(), len(shards)), "torchkeep-shard") as pool:
+            for done in [pool.submit(writer.write, *shard) for shard in shards]:
+                done.result()
         total = sum(t.numel() * t.element_size() for t in request.tensors.values())
         index: dict[str, Any] = {
             "metadata": {"total_size": total, **request.metadata},

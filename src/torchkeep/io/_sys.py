@@ -1,0 +1,57 @@
+"""What the engine asks of the operating system: thread counts and early writeback."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+from collections.abc import Callable
+
+# Python has no binding for sync_file_range(2); ctypes releases the GIL around the call.
+_SYNC_FILE_RANGE_WRITE = 2
+
+IOV_MAX = 1024
+"""Most buffers one ``preadv``/``pwritev`` call takes (Linux's limit)."""
+
+
+def io_threads(requested: int | None = None) -> int:
+    """How many threads move bytes: ``requested``, ``TORCHKEEP_IO_THREADS``, or the cores.
+
+    Copies between memory and the page cache are CPU work, so more threads than cores only
+    add switching; two are kept even on one core so a read or write waiting on the disk
+    does not stall the other.
+    """
+    if requested is not None:
+        return max(1, requested)
+    configured = os.environ.get("TORCHKEEP_IO_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(2, min(8, cores or 1))
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+
+    def start(fd: int, offset: int, length: int) -> None:
+        # Only a hint: a failure here changes nothing, the caller's fsync still decides.
+        function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+    return start
+
+
+start_writeback = _load_sync_file_range()
+"""``start_writeback(fd, offset, length)`` starts writing a range to disk without waiting.
+
+Called while later bytes are still being copied, it lets the disk work during the copy, so the
+final fsync only waits for the tail. None where the call does not exist (not Linux).
+"""
