@@ -120,6 +120,19 @@ def at_least(value: float | None, bound: float) -> bool | None:
     return None if value is None else value >= bound
 
 
+def judge_page_cache_save(row: Row) -> Row:
+    """The issue's goal for saves into the page cache, single file or sharded."""
+    return judge(
+        row,
+        "vs torch >= 1.5, vs safetensors >= 2, of limit >= 0.85",
+        [
+            at_least(row.vs_torch, 1.5),
+            at_least(row.vs_safetensors, 2.0),
+            at_least(row.of_limit, 0.85),
+        ],
+    )
+
+
 # --------------------------------------------------------------------------------- sections
 
 
@@ -189,17 +202,7 @@ class Bench:
             self.rows.append(judge(row, "of limit >= 0.90", [at_least(row.of_limit, 0.9)]))
         else:
             row = timed_row("save, new file, page cache", peers, "limit")
-            self.rows.append(
-                judge(
-                    row,
-                    "vs torch >= 1.5, vs safetensors >= 2, of limit >= 0.85",
-                    [
-                        at_least(row.vs_torch, 1.5),
-                        at_least(row.vs_safetensors, 2.0),
-                        at_least(row.of_limit, 0.85),
-                    ],
-                )
-            )
+            self.rows.append(judge_page_cache_save(row))
         row.note = "limit: plain os.pwrite of the same bytes by 2 threads into one file"
         self.report(self.rows[-1])
 
@@ -253,17 +256,7 @@ class Bench:
             "torch/safetensors: one save per shard, in turn (as sharding helpers do); "
             f"limit: os.pwrite, {io_threads()} files at a time"
         )
-        self.rows.append(
-            judge(
-                row,
-                "vs torch >= 1.5, vs safetensors >= 2, of limit >= 0.85",
-                [
-                    at_least(row.vs_torch, 1.5),
-                    at_least(row.vs_safetensors, 2.0),
-                    at_least(row.of_limit, 0.85),
-                ],
-            )
-        )
+        self.rows.append(judge_page_cache_save(row))
         self.report(row)
 
     def _write_inputs(self) -> dict[str, Path]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import uuid
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -60,8 +59,9 @@ from torchkeep._dcp_io import (
     write_marker_file,
     writer,
 )
+from torchkeep._manifest import manifest_header
 from torchkeep._tree import Unflattener, map_tensors
-from torchkeep.checkpoint import _check_name, _now, _number, _plain_json
+from torchkeep.checkpoint import _check_name
 from torchkeep.errors import InvalidStateError, KeyMismatchError
 from torchkeep.storage.local import atomic_dir
 from torchkeep.storage.remote import COMMIT_MARKERS, RemoteFolder, split_url
@@ -180,15 +180,8 @@ def take_snapshot(
     if copy:
         tensors = {name: t.detach().clone() for name, t in tensors.items()}
     marker = {
-        "format": FORMAT,
-        "version": VERSION,
-        "id": uuid.uuid4().hex,
-        "torch_version": str(torch.__version__),
-        "created": _now(),
-        "step": step,
+        **manifest_header(FORMAT, VERSION, step, metrics, metadata),
         "world_size": _world(group),
-        "metrics": {k: _plain_json(_number(k, v), "metrics") for k, v in (metrics or {}).items()},
-        "metadata": _plain_json(dict(metadata or {}), "metadata"),
         "state": entries,
         "rng": rng_nodes or None,
     }

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from torchkeep._manifest import check_format
 from torchkeep._tensors import TensorInfo, dtype_name, numel
 from torchkeep._tree import TAG, Flattener, index, join
 from torchkeep._unpickle import safe_pickle_load
@@ -210,14 +211,9 @@ def read_marker(location: Location, options: Mapping[str, Any] | None = None) ->
         marker = json.loads(raw)
     except ValueError as exc:
         raise CorruptFileError(f"{MARKER} of {where!r} is not valid JSON: {exc}") from exc
-    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
-        raise CorruptFileError(f"{MARKER} of {where!r} is not a torchkeep DCP marker")
-    if not isinstance(marker.get("version"), int) or marker["version"] > VERSION:
-        raise CorruptFileError(
-            f"{where!r} has DCP checkpoint version {marker.get('version')!r}; this torchkeep "
-            f"reads up to version {VERSION}: upgrade torchkeep"
-        )
-    return marker
+    return check_format(
+        marker, format=FORMAT, version=VERSION, what=f"{MARKER} of {where!r}", where=where
+    )
 
 
 def write_marker_file(folder: Path, marker: Mapping[str, Any]) -> None:

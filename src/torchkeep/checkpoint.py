@@ -12,24 +12,22 @@ temporary name and renamed into place only when complete, so a folder without
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno as errno_codes
 import json
 import os
 import pickle
 import shutil
-import uuid
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import xxhash
 
 from torchkeep import _state
+from torchkeep._manifest import check_format, manifest_header, now, number, plain_json
 from torchkeep._tensors import dtype_name, to_cpu_contiguous, xxh3
 from torchkeep._tree import (
     Flattener,
@@ -121,31 +119,6 @@ class StagingPool:
         return staged
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _number(name: str, value: object) -> float | int:
-    # A loss tensor or numpy scalar passed as a metric is what people mean by its number.
-    size = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", 0)
-    if isinstance(value, torch.Tensor | np.ndarray | np.generic) and size == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}")
-    return value
-
-
-def _plain_json(value: object, what: str) -> Any:
-    flattener = Flattener()
-    node = flattener.encode(value, what)
-    if flattener.tensors:
-        raise InvalidStateError(
-            f"{what} holds a tensor at {next(iter(flattener.tensors))!r}; {what} is stored as "
-            "JSON: put tensors in the state instead"
-        )
-    return node
-
-
 def _check_name(name: str) -> None:
     if name.startswith("__"):
         raise ValueError(f"state names starting with '__' are reserved, got {name!r}")
@@ -183,7 +156,7 @@ def take_snapshot(
             "value": flattener.encode(captured, name),
         }
         if module_meta:
-            entry["module_metadata"] = _plain_json(module_meta, name)
+            entry["module_metadata"] = plain_json(module_meta, name)
         entries[name] = entry
     rng_node = flattener.encode(_state.capture_rng(), "__rng__") if rng else None
     objects = pickle.dumps(flattener.objects, protocol=5) if flattener.objects else None
@@ -193,14 +166,7 @@ def take_snapshot(
     else:
         tensors = {name: _to_cpu(t) for name, t in flattener.tensors.items()}
     manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "version": VERSION,
-        "id": uuid.uuid4().hex,
-        "torch_version": str(torch.__version__),
-        "created": _now(),
-        "step": step,
-        "metrics": {k: _plain_json(_number(k, v), "metrics") for k, v in (metrics or {}).items()},
-        "metadata": _plain_json(dict(metadata or {}), "metadata"),
+        **manifest_header(FORMAT, VERSION, step, metrics, metadata),
         "state": entries,
         "rng": rng_node,
         "objects": {"file": OBJECTS, "paths": flattener.pickled_paths} if objects else None,
@@ -381,16 +347,16 @@ def read_manifest(path: PathLike) -> dict[str, Any]:
     if not (folder / MANIFEST).is_file():
         raise _not_committed(folder)
     try:
-        manifest = json.loads((folder / MANIFEST).read_bytes())
+        document = json.loads((folder / MANIFEST).read_bytes())
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptFileError(f"{str(folder / MANIFEST)!r} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CorruptFileError(f"{str(folder / MANIFEST)!r} is not a torchkeep checkpoint manifest")
-    if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
-        raise CorruptFileError(
-            f"{str(folder)!r} has checkpoint format version {manifest.get('version')!r}; this "
-            f"torchkeep reads up to version {VERSION}: upgrade torchkeep"
-        )
+    manifest = check_format(
+        document,
+        format=FORMAT,
+        version=VERSION,
+        what=repr(str(folder / MANIFEST)),
+        where=str(folder),
+    )
     for key, kind in (("state", dict), ("tensors", dict), ("files", dict)):
         if not isinstance(manifest.get(key), kind):
             raise CorruptFileError(f"{str(folder / MANIFEST)!r} has no valid {key!r} section")
@@ -631,9 +597,9 @@ def _save_torch(
         "format": FORMAT,
         "version": VERSION,
         "torch_version": str(torch.__version__),
-        "created": _now(),
+        "created": now(),
         "kinds": kinds,
-        "metrics": {k: _number(k, v) for k, v in (metrics or {}).items()},
+        "metrics": {k: number(k, v) for k, v in (metrics or {}).items()},
         "metadata": to_torch_plain(dict(metadata or {}), "metadata"),
         "rng": _state.capture_rng() if rng else None,
     }
