@@ -72,10 +72,10 @@ def check_format(
         where: the checkpoint, for the upgrade message.
     """
     if not isinstance(document, dict) or document.get("format") != format:
-        raise CorruptFileError(f"{what} is not a torchkeep {format} document")
+        raise CorruptFileError(f"{what} is not a {format!r} document")
     if not isinstance(document.get("version"), int) or document["version"] > version:
         raise CorruptFileError(
-            f"{where!r} has {format} format version {document.get('version')!r}; this "
+            f"{where!r} has {format!r} version {document.get('version')!r}; this "
             f"torchkeep reads up to version {version}: upgrade torchkeep"
         )
     return document
