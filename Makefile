@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup demo test lint typecheck bench clean
+.PHONY: help setup demo test lint typecheck bench fuzz clean
 
 help:
 	@echo "make demo   set up .venv and run the demonstration"
@@ -40,6 +40,14 @@ test: lint typecheck
 # Not part of `test`: it takes minutes and needs a few GB of free disk and memory.
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py
+
+# Not part of `test`: a million inputs per parser by default (FUZZ_EXECUTIONS to change).
+FUZZ_EXECUTIONS ?= 1000000
+FUZZ_PARSERS ?= pickle torchzip safetensors index manifest dcp
+fuzz: $(STAMP)
+	@status=0; for parser in $(FUZZ_PARSERS); do \
+		$(PY) tests/fuzz/run.py $$parser --executions $(FUZZ_EXECUTIONS) --isolated || status=1; \
+	done; exit $$status
 
 clean:
 	rm -rf $(VENV) demo-output bench-output .pytest_cache .mypy_cache .ruff_cache

@@ -72,11 +72,14 @@ def test_sharded_index_pointing_outside_its_folder_is_refused(tmp_path: Path) ->
         tk.load_state_dict(folder)
 
 
-def test_a_torchscript_archive_is_pointed_elsewhere(tmp_path: Path) -> None:
+def test_a_torchscript_archive_gives_its_weights_without_running_it(tmp_path: Path) -> None:
     path = tmp_path / "scripted.pt"
-    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
-    with pytest.raises(tk.UnknownFormatError, match="TorchScript"):
-        tk.load_state_dict(path)
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    torch.jit.save(scripted, path)
+    state = tk.load_state_dict(path)
+    reference = torch.jit.load(path).state_dict()
+    assert list(state) == list(reference)
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
 
 
 def test_a_zip_that_is_not_a_torch_file(tmp_path: Path) -> None:
@@ -133,15 +136,17 @@ def test_reduce_payload_never_runs(tmp_path: Path, legacy: bool, how: str) -> No
     assert not target.exists()
 
 
-def test_a_payload_hidden_from_the_scan_is_still_refused_when_resolved(tmp_path: Path) -> None:
-    # Even if a global slipped past the scan, the unpickler itself refuses to resolve it.
-    from torchkeep._unpickle import restricted_pickle_module
+@pytest.mark.parametrize("protocol", range(6))
+def test_a_reduce_payload_in_a_plain_pickle_is_refused_at_every_protocol(
+    tmp_path: Path, protocol: int
+) -> None:
+    from torchkeep._unpickle import safe_pickle_load
 
     target = tmp_path / "pwned"
-    data = pickle.dumps(_Exploit(target), protocol=4)
-    unpickler = restricted_pickle_module().Unpickler(__import__("io").BytesIO(data))
-    with pytest.raises(tk.UnsafeFileError):
-        unpickler.load()
+    data = pickle.dumps(_Exploit(target), protocol=protocol)
+    with pytest.raises(tk.UnsafeFileError) as info:
+        safe_pickle_load(data, path="payload.pkl", stubs=True)
+    assert info.value.globals in (("posix.system",), ("os.system",))
     assert not target.exists()
 
 
@@ -150,15 +155,25 @@ class Custom:  # a user's class, importable from this test module
         self.value = value
 
 
-def test_user_classes_need_trust_or_an_explicit_allowlist(tmp_path: Path) -> None:
+def test_user_classes_are_inert_stubs_unless_allowed(tmp_path: Path) -> None:
+    from torchkeep._stubs import StubObject
+    from torchkeep._unpickle import safe_torch_load
+
     path = tmp_path / "custom.pt"
     torch.save({"w": torch.ones(2), "meta": Custom(3)}, path)
-    with pytest.raises(tk.UnsafeFileError) as info:
-        tk.load_state_dict(path)
+    assert torch.equal(tk.load_state_dict(path)["w"], torch.ones(2))
     qualname = f"{__name__}.Custom"
+    assert tk.inspect(path).stubbed == (qualname,)
+    stub = safe_torch_load(str(path), map_location="cpu", stubs=True)["meta"]
+    assert isinstance(stub, StubObject) and not isinstance(stub, Custom)
+    assert stub.__dict__["value"] == 3  # its state, as data; none of its code
+    # Without stubs the class is refused by name, with the ways forward.
+    with pytest.raises(tk.UnsafeFileError) as info:
+        safe_torch_load(str(path), map_location="cpu")
     assert info.value.globals == (qualname,)
     assert "trust=True" in str(info.value) and f"allow_globals=['{qualname}']" in str(info.value)
-    assert torch.equal(tk.load_state_dict(path, allow_globals=[qualname])["w"], torch.ones(2))
+    real = safe_torch_load(str(path), map_location="cpu", allow_globals=[qualname])["meta"]
+    assert isinstance(real, Custom) and real.value == 3
     assert torch.equal(tk.load_state_dict(path, trust=True)["w"], torch.ones(2))
 
 

@@ -607,10 +607,10 @@ def test_verify_sharded_folder_names_missing_and_bad_shards(tmp_path: Path) -> N
     assert "checksum mismatch" in result.stdout
 
 
-def test_verify_does_not_unpickle_dangerous_files() -> None:
+def test_verify_fails_files_a_load_refuses_as_dangerous() -> None:
     result = run("verify", GOLDEN / "malicious.pt")
-    assert result.exit_code == 0
-    assert "dangerous globals (posix.system)" in result.stdout
+    assert result.exit_code == 1
+    assert "posix.system" in result.stdout and "DANGEROUS" in result.stdout
 
 
 def test_verify_missing_path_exits_2(tmp_path: Path) -> None:

@@ -254,15 +254,20 @@ def test_load_model_checks_the_class_before_calling_it(tmp_path: Path) -> None:
     data = path.read_bytes()
     size = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8 : 8 + size])
-    for target, error in (("os:system", "not an nn.Module"), ("nowhere.mod:Net", "cannot import")):
+    cases = (
+        ("os:system", False, tk.ModelRebuildError, "not an nn.Module"),
+        ("nowhere.mod:Net", False, tk.UnsafeFileError, "not imported"),
+        ("nowhere.mod:Net", True, tk.ModelRebuildError, "cannot import"),
+    )
+    for target, trust, kind, error in cases:
         record = json.loads(header["__metadata__"]["torchkeep.model"])
         record["class"] = target
         header["__metadata__"]["torchkeep.model"] = json.dumps(record)
         raw = json.dumps(header).encode()
         raw += b" " * (-len(raw) % 8)
         path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + size :])
-        with pytest.raises(tk.ModelRebuildError, match=error):
-            tk.load_model(path)
+        with pytest.raises(kind, match=error):
+            tk.load_model(path, trust=trust)
 
 
 def test_class_moved_is_recoverable_with_cls(tmp_path: Path) -> None:
@@ -287,7 +292,9 @@ def test_export_round_trip_and_load_model(tmp_path: Path, suffix: str, fmt: str)
     x = torch.randn(2, 1, 8, 8)
     result = tk.export(model, (x,), tmp_path / f"cnn{suffix}")
     assert result.ok and result.format == fmt and result.max_abs_diff <= 1e-5
-    loaded = tk.load_model(result.path)
+    with pytest.raises(tk.UnsafeFileError, match="trust=True"):
+        tk.load_model(result.path)
+    loaded = tk.load_model(result.path, trust=True)
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-6)
 
@@ -366,7 +373,9 @@ def test_load_for_inference_from_export_archives(tmp_path: Path) -> None:
     x = torch.randn(2, 1, 8, 8)
     for name in ("a.pt2", "a.ts"):
         result = tk.export(model, (x,), tmp_path / name)
-        ready = tk.load_for_inference(result.path)
+        with pytest.raises(tk.UnsafeFileError, match="runs"):
+            tk.load_for_inference(result.path)
+        ready = tk.load_for_inference(result.path, trust=True)
         assert not any(p.requires_grad for p in ready.parameters())
         with torch.no_grad():
             assert torch.allclose(ready(x), model(x), atol=1e-6)
@@ -378,7 +387,7 @@ def test_load_for_inference_on_missing_cuda_is_clear() -> None:
         tk.load_for_inference(TutorialCNN(), device="cuda")
 
 
-def test_export_archive_with_a_pickled_payload_is_scanned(tmp_path: Path) -> None:
+def test_export_archive_with_a_pickled_payload_is_read_safely(tmp_path: Path) -> None:
     import json
     import os
     import zipfile
@@ -404,8 +413,10 @@ def test_export_archive_with_a_pickled_payload_is_scanned(tmp_path: Path) -> Non
             if name.endswith("/" + "weight_0"):
                 continue
             dst.writestr(name, data)
-    with pytest.raises(tk.UnsafeFileError, match="system"):
+    with pytest.raises(tk.UnsafeFileError, match="trust=True"):
         tk.load_model(evil)
+    with pytest.raises(tk.UnsafeFileError, match="system"):
+        tk.load_state_dict(evil)
     assert not (tmp_path / "pwned").exists()
 
 

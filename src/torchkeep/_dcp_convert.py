@@ -26,6 +26,7 @@ from torchkeep._locate import writable
 from torchkeep._tensors import NAME_FROM_DTYPE, byte_view, dtype_name, xxh3
 from torchkeep.errors import CheckpointNotFoundError, InvalidStateError
 from torchkeep.formats._base import OpenOptions, WriteRequest
+from torchkeep.formats._guard import reading
 from torchkeep.formats.safetensors import build_header
 from torchkeep.storage.local import atomic_dir, atomic_file
 from torchkeep.storage.remote import is_remote
@@ -107,7 +108,7 @@ def dcp_to_safetensors(
             f.write(header)
             for out in order:
                 tensor = torch.empty(shapes[out].shape, dtype=shapes[out].dtype)
-                with quiet():
+                with reading(src), quiet():
                     dcp_load({stored_of[out]: tensor}, storage_reader=storage, no_dist=True)
                 checksums[out] = xxh3(tensor)
                 if tensor.numel():

@@ -4,7 +4,10 @@ The file is streamed to a hidden temporary name beside its cache entry while its
 computed, checked against the expected hash (``sha256=``, or torch.hub's convention of a hash
 prefix in the file name, ``resnet18-f37072fd.pth``), fsynced and only then renamed to its
 final name. An interrupted or corrupt download therefore never leaves a file that looks
-complete; the next call downloads again.
+complete; the next call downloads again. The SHA-256 of every cached file is recorded beside
+it and recomputed on every cache hit: an entry whose bytes changed since, or that does not
+match the hash the caller expects, is discarded and downloaded again (and the new bytes are
+checked before they are cached).
 
 The cache is ``$TORCHKEEP_CACHE`` or ``~/.cache/torchkeep``; each URL gets its own folder
 (``downloads/<hash of the URL>/<file name>``), so two URLs ending in the same name never mix.
@@ -22,9 +25,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from torchkeep._contain import member
 from torchkeep.errors import ChecksumError, DownloadError
 from torchkeep.storage.local import fsync_dir
 
@@ -44,15 +48,62 @@ def cache_dir() -> Path:
 
 
 def file_name(url: str) -> str:
-    """The last path segment of ``url`` (``weights.safetensors``), or ``download``."""
-    name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
-    return name if name and name not in (".", "..") else "download"
+    """The last path segment of ``url`` (``weights.safetensors``), or ``download``.
+
+    A segment that could not be a plain file name in the cache (``..``, NUL bytes,
+    backslashes, a leading dot that would hide it among temporary files) becomes ``download``.
+    """
+    name = PurePosixPath(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
+    if not name or name.startswith(".") or "\x00" in name or "\\" in name or len(name) > 255:
+        return "download"
+    return name
 
 
 def cached_path(url: str) -> Path:
-    """The cache entry ``url`` downloads to."""
+    """The cache entry ``url`` downloads to, checked to stay inside the cache.
+
+    Raises:
+        UnsafeFileError: the entry would resolve outside the cache (a symlink in it).
+    """
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    return cache_dir() / "downloads" / digest / file_name(url)
+    root = cache_dir() / "downloads"
+    return member(root, f"{digest}/{file_name(url)}", path=str(root), what="cache entry")
+
+
+def _record_path(final: Path) -> Path:
+    """Where the SHA-256 of a cache entry is recorded when it is downloaded."""
+    return final.with_name(f".{final.name}.sha256")
+
+
+def _cached(final: Path, expected: str | None) -> bool:
+    """Whether the cache entry ``final`` is intact and, if ``expected`` is given, matches it.
+
+    The file's SHA-256 is recomputed on every hit and compared with the digest recorded when
+    it was downloaded (and with ``expected``): a file changed in the cache since, or an entry
+    without a record, is not used.
+    """
+    record = _record_path(final)
+    if not final.is_file() or not record.is_file():
+        return False
+    recorded = record.read_text(encoding="ascii", errors="replace").strip()
+    if not re.fullmatch(r"[0-9a-f]{64}", recorded):
+        return False
+    actual = _sha256_of(final)
+    return actual == recorded and (expected is None or actual.startswith(expected))
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _discard(final: Path) -> None:
+    for stale in (final, _record_path(final)):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
 
 
 def expected_prefix(url: str, sha256: str | None, check_hash: bool) -> str | None:
@@ -144,8 +195,11 @@ def download(
     """
     expected = expected_prefix(url, sha256, check_hash)
     final = cached_path(url)
-    if final.is_file() and not force:
+    if not force and _cached(final, expected):
         return final
+    # Absent, changed since it was downloaded, or not the file the caller expects: the entry
+    # is removed and downloaded again; the new bytes are checked before they are cached.
+    _discard(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     temp = final.with_name(f".{final.name}.part-{uuid.uuid4().hex[:12]}")
     request = urllib.request.Request(url, headers={"User-Agent": "torchkeep"})
@@ -168,6 +222,13 @@ def download(
                 "file was deleted, not cached. The URL's file changed or the transfer was "
                 "damaged: check the hash you passed, or download again"
             )
+        # The digest is recorded first: an entry is used only with its record.
+        record_temp = temp.with_name(temp.name + ".sha256")
+        with open(record_temp, "w", encoding="ascii") as f:
+            f.write(digest + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(record_temp, _record_path(final))
         os.replace(temp, final)
         fsync_dir(final.parent)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
@@ -182,6 +243,7 @@ def download(
             "the connection, then try again"
         ) from exc
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
+        for leftover in (temp, temp.with_name(temp.name + ".sha256")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
     return final

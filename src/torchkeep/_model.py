@@ -1,10 +1,12 @@
 """Models without their pickles: save_model / load_model / load_for_inference.
 
 ``save_model`` writes the weights as safetensors plus, in the metadata, the class's import path
-and its constructor arguments as JSON. ``load_model`` imports that class, checks it is an
+and its constructor arguments as JSON. ``load_model`` takes that class from a module that is
+already imported (importing one only when the caller trusts the file), checks it is an
 ``nn.Module`` subclass before calling anything, builds it and loads the weights. It also
 rebuilds whole-model pickles made of torch.nn's own layers (safely), user classes only when the
-caller trusts the file, and TorchScript and torch.export archives.
+caller trusts the file, and TorchScript and torch.export archives, which run code by design,
+only when the caller trusts the file.
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ import importlib
 import inspect as _pyinspect
 import json
 import os
-import tempfile
+import re
+import sys
+import types
 import warnings
-import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
+from torchkeep import _json
 from torchkeep._stubs import find_stubs, is_module_like
-from torchkeep._unpickle import check_refs, safe_torch_load
+from torchkeep._unpickle import safe_torch_load
 from torchkeep.api import PathLike, load, save, unwrap
 from torchkeep.errors import (
     CorruptFileError,
@@ -35,7 +39,15 @@ from torchkeep.errors import (
     UnsafeFileError,
 )
 from torchkeep.formats._base import OpenOptions
-from torchkeep.formats.registry import SAFETENSORS, SHARDED, TORCH_LEGACY, TORCH_ZIP, detect
+from torchkeep.formats.registry import (
+    SAFETENSORS,
+    SHARDED,
+    TORCH_EXPORT,
+    TORCH_LEGACY,
+    TORCH_ZIP,
+    TORCHSCRIPT,
+    detect,
+)
 from torchkeep.formats.safetensors import SafetensorsSource
 from torchkeep.formats.sharded import find_index, parse_index
 
@@ -180,26 +192,66 @@ def save_model(
 # ------------------------------------------------------------------------------- load_model
 
 
-def _import_class(spec: str) -> type[torch.nn.Module]:
-    module_name, _, qualname = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        hint = (
-            " It was defined in a script (__main__): move it to an importable module, or pass "
-            "cls=YourClass to load_model."
-            if module_name == "__main__"
-            else " If it moved, pass cls=TheClass to load_model, or install the package "
-            "that defines it."
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _import_class(spec: str, *, trust: bool, path: Path) -> type[torch.nn.Module]:
+    """The class a ``torchkeep.model`` record names, imported only when the caller trusts it.
+
+    Without trust, only a module that is already imported is used, and the class is looked up
+    in its namespace (``vars``), so no module code and no ``__getattr__`` hook runs.
+    """
+    module_name, sep, qualname = spec.partition(":")
+    if not sep or not _DOTTED.fullmatch(module_name) or not _DOTTED.fullmatch(qualname):
+        raise CorruptFileError(
+            f"{str(path)!r}: metadata {MODEL_KEY} names the class {spec[:200]!r}, which is not "
+            "of the form 'package.module:Class'"
         )
-        raise ModelRebuildError(f"cannot import the model class {spec!r}: {exc}.{hint}") from exc
+    hint = (
+        " It was defined in a script (__main__): move it to an importable module, or pass "
+        "cls=YourClass to load_model."
+        if module_name == "__main__"
+        else " If it moved, pass cls=TheClass to load_model, or install the package that "
+        "defines it."
+    )
+    module = sys.modules.get(module_name)
+    if not isinstance(module, types.ModuleType):
+        if not trust:
+            raise UnsafeFileError(
+                f"{str(path)!r} names its model class {spec!r}, from the module "
+                f"{module_name!r}, which is not imported; importing it would run code that the "
+                "file chose. Nothing was imported. If you trust the file, pass trust=True (or "
+                f"import {module_name} yourself first); otherwise pass cls=YourModel to build "
+                "a class you choose, or take the weights with torchkeep.load_state_dict(path).",
+                path=str(path),
+                globals=(f"{module_name}.{qualname}",),
+            )
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ModelRebuildError(
+                f"cannot import the model class {spec!r}: {exc}.{hint}"
+            ) from exc
+    obj: Any = module
+    for part in qualname.split("."):
+        if trust:
+            found = getattr(obj, part, _MISSING)
+        else:
+            namespace = vars(obj) if isinstance(obj, (types.ModuleType, type)) else {}
+            found = namespace.get(part, _MISSING)
+        if found is _MISSING:
+            raise ModelRebuildError(
+                f"cannot import the model class {spec!r}: {module_name} has no {qualname}.{hint}"
+            )
+        obj = found
     if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
         raise ModelRebuildError(
             f"{spec!r} names a {type(obj).__name__}, not an nn.Module subclass; refusing to call it"
         )
     return obj
+
+
+_MISSING = object()
 
 
 def _model_record(path: Path) -> dict[str, Any] | None:
@@ -214,64 +266,41 @@ def _model_record(path: Path) -> dict[str, Any] | None:
         raw = source.metadata.get(MODEL_KEY)
     if raw is None:
         return None
-    try:
-        record = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CorruptFileError(f"{str(path)!r}: metadata {MODEL_KEY} is not JSON") from exc
+    record = _json.loads(raw, path=str(path), what=f"metadata {MODEL_KEY}")
     if not isinstance(record, dict) or not isinstance(record.get("class"), str):
         raise CorruptFileError(f"{str(path)!r}: metadata {MODEL_KEY} names no class")
     return record
 
 
-def _archive_kind(path: Path) -> str | None:
-    if not path.is_file() or not zipfile.is_zipfile(path):
-        return None
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-    if any(n.endswith("constants.pkl") for n in names):
-        return "torchscript"
-    if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
-        return "export"
-    return None
-
-
-def _export_pickles(archive: zipfile.ZipFile) -> list[str]:
-    """Members of a torch.export archive that torch would unpickle on load."""
-    names = archive.namelist()
-    found = [n for n in names if "/sample_inputs/" in n or n.startswith("sample_inputs/")]
-    for config_name in (n for n in names if n.endswith("_config.json")):
-        folder = config_name.rpartition("/")[0]
-        try:
-            config = json.loads(archive.read(config_name)).get("config", {})
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise CorruptFileError(f"{config_name} in the archive is not valid JSON") from exc
-        for meta in config.values():
-            path_name = meta.get("path_name", "") if isinstance(meta, dict) else ""
-            if meta.get("use_pickle") or path_name.startswith("custom_obj"):
-                found.append(f"{folder}/{path_name}")
-    return found
-
-
-def _check_export_archive(path: Path) -> None:
-    """torch.export archives may hold pickled tensors; scan them like any other pickle."""
-    with zipfile.ZipFile(path) as archive:
-        for name in _export_pickles(archive):
-            with tempfile.NamedTemporaryFile(suffix=".pt") as copy:
-                copy.write(archive.read(name))
-                copy.flush()
-                check_refs(f"{path}:{name}", copy.name)
+_RUNS_CODE = {
+    "torchscript": (
+        "a TorchScript archive: loading it as a model compiles and runs the code stored in the "
+        "file (its methods, __setstate__ included)"
+    ),
+    "torch-export": (
+        "a torch.export archive: loading it as a model deserialises and runs the program stored "
+        "in the file, and unpickles the objects it carries"
+    ),
+}
 
 
 def _load_archive(path: Path, kind: str, device: str, trust: bool) -> torch.nn.Module:
+    if not trust:
+        raise UnsafeFileError(
+            f"{str(path)!r} is {_RUNS_CODE[kind]}. Nothing was run. If you trust whoever made "
+            "the file, pass trust=True. Otherwise take just its weights, which torchkeep reads "
+            "without running anything: torchkeep.load_state_dict(path), or build your own "
+            "model class and call torchkeep.load(model, path) (or load_model(path, "
+            "cls=YourModel)).",
+            path=str(path),
+        )
     if kind == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             scripted: torch.nn.Module = torch.jit.load(  # type: ignore[no-untyped-call]
                 str(path), map_location=device
             )
-        return scripted.eval()
-    if not trust:
-        _check_export_archive(path)
+        return scripted
     module = torch.export.load(str(path)).module()
     return module.to(device) if device != "cpu" else module
 
@@ -334,17 +363,20 @@ def load_model(
 ) -> torch.nn.Module:
     """Rebuild a working model from a file, without its pickle where possible.
 
-    Accepts files from :func:`save_model` (class imported by name, checked to be an
-    ``nn.Module`` subclass before it is called), whole-model pickles from ``torch.save(model)``
-    (rebuilt safely when every class is torch.nn's own; user classes only with
-    ``trust=True``), TorchScript archives and torch.export ``.pt2`` archives, and plain weight
-    files when ``cls`` says what to build.
+    Accepts files from :func:`save_model` (the recorded class is taken from an already
+    imported module, or imported with ``trust=True``, and checked to be an ``nn.Module``
+    subclass before it is called), whole-model pickles from ``torch.save(model)`` (rebuilt
+    safely when every class is torch.nn's own; user classes only with ``trust=True``),
+    TorchScript archives and torch.export ``.pt2`` archives (these run code from the file, so
+    only with ``trust=True``; with ``cls`` their weights are loaded into that class instead),
+    and plain weight files when ``cls`` says what to build.
 
     Args:
         path: the file or folder.
         cls: the model class to build (overrides the recorded one; needed for plain weights).
         device: where the model goes (default CPU).
-        trust: allow the file's pickle to import and run the classes it names.
+        trust: allow the file to run code: its pickle's classes, the module its record names,
+            a TorchScript or torch.export program.
         allow_globals: extra ``"module.name"`` globals the allowlist accepts.
         train: leave the model in training mode (default: ``eval()``).
 
@@ -353,17 +385,23 @@ def load_model(
 
     Raises:
         ModelRebuildError: the class cannot be imported, is not a module, or the file holds
-            no model; UnsafeFileError: the pickle needs classes outside torch.nn.
+            no model.
+        UnsafeFileError: without ``trust``: the pickle needs classes outside torch.nn, the
+            record names a module that is not imported, or the file is a TorchScript or
+            torch.export archive.
     """
     where = Path(os.fspath(path))
     target = str(device) if device is not None else "cpu"
     if torch.device(target).type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"cannot load {str(where)!r} onto {target}: CUDA is not available")
-    kind = _archive_kind(where)
-    if kind is not None:
-        return _load_archive(where, kind, target, trust)
     resolved, fmt = detect(where)
     model: torch.nn.Module
+    if fmt in (TORCHSCRIPT, TORCH_EXPORT) and cls is None:
+        model = _load_archive(resolved, fmt.name, target, trust)
+        try:
+            return model.train(train)
+        except (NotImplementedError, RuntimeError):
+            return model  # torch.export modules fix their mode at export time
     if fmt in (SAFETENSORS, SHARDED):
         record = _model_record(resolved)
         if cls is None and record is None:
@@ -371,7 +409,7 @@ def load_model(
                 f"{str(where)!r} holds weights only (it was not written by save_model); pass "
                 "cls=YourModel, or build the model and call torchkeep.load(model, path)"
             )
-        build = cls or _import_class(record["class"] if record else "")
+        build = cls or _import_class(record["class"] if record else "", trust=trust, path=where)
         init = _decode(record.get("init", {})) if record else {}
         model = build(**init)
         load(model, where)

@@ -10,7 +10,6 @@ folder without a marker is torn: never listed, never restored, removed by the ne
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -19,6 +18,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from torchkeep import _json
+from torchkeep._contain import member
 from torchkeep.checkpoint import MANIFEST, Snapshot, read_manifest, write_native
 from torchkeep.errors import CorruptFileError
 from torchkeep.io.recycle import RecycleBin
@@ -29,6 +30,13 @@ DCP_MARKER = "torchkeep-dcp.json"
 STEP_DIR = re.compile(r"step-(\d+)")
 Location = Path | str
 Writer = Callable[..., Path]
+
+
+def _parse_marker(raw: bytes, where: str) -> dict[str, Any]:
+    record = _json.loads(raw, path=where, what="commit marker")
+    if not isinstance(record, dict):
+        raise CorruptFileError(f"commit marker {where!r} is not a JSON object")
+    return record
 
 
 def step_name(step: int) -> str:
@@ -96,6 +104,7 @@ class LocalSteps:
         marker = self._marker(folder)
         if marker is None:
             raise CorruptFileError(f"{str(folder)!r} is not a committed checkpoint")
+        marker = member(folder, marker.name, path=str(folder), what="marker", flat=True)
         stat = marker.stat()
         key = (stat.st_ino, stat.st_mtime_ns)
         cached = self._cache.get(str(folder))
@@ -104,7 +113,7 @@ class LocalSteps:
         if marker.name == MANIFEST:
             record = read_manifest(folder)
         else:
-            record = json.loads(marker.read_bytes())
+            record = _parse_marker(marker.read_bytes(), str(marker))
         self._cache[str(folder)] = (key, record)
         return record
 
@@ -207,7 +216,8 @@ class RemoteSteps:
             marker = self._markers().get(name)
             if marker is None:
                 raise CorruptFileError(f"{str(location)!r} is not a committed checkpoint")
-            self._cache[name] = json.loads(self.folder.read_bytes(f"{name}/{marker}"))
+            where = f"{location}/{marker}"
+            self._cache[name] = _parse_marker(self.folder.read_bytes(f"{name}/{marker}"), where)
         return self._cache[name]
 
     def is_distributed(self, location: Location) -> bool:

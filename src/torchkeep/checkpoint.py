@@ -26,9 +26,10 @@ from typing import Any, Literal
 import torch
 import xxhash
 
-from torchkeep import _state
+from torchkeep import _json, _state
+from torchkeep._contain import check_name, member
 from torchkeep._manifest import check_format, manifest_header, now, number, plain_json
-from torchkeep._tensors import dtype_name, to_cpu_contiguous, xxh3
+from torchkeep._tensors import DTYPE_FROM_NAME, dtype_name, to_cpu_contiguous, xxh3
 from torchkeep._tree import (
     Flattener,
     Unflattener,
@@ -242,7 +243,7 @@ def _fill(
 def _manifest_id(folder: Path) -> str | None:
     try:
         with open(folder / MANIFEST, "rb") as f:
-            found = json.loads(f.read()).get("id")
+            found = _json.loads(f.read(), path=str(folder / MANIFEST), what="manifest").get("id")
     except (OSError, ValueError, AttributeError):
         return None
     return str(found) if found is not None else None
@@ -344,23 +345,69 @@ def read_manifest(path: PathLike) -> dict[str, Any]:
     folder = Path(path)
     if not folder.exists():
         raise CheckpointNotFoundError(f"no checkpoint at {str(folder)!r}")
-    if not (folder / MANIFEST).is_file():
+    file = member(folder, MANIFEST, path=str(folder), what="manifest", flat=True)
+    if not file.is_file():
         raise _not_committed(folder)
-    try:
-        document = json.loads((folder / MANIFEST).read_bytes())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{str(folder / MANIFEST)!r} is not valid JSON: {exc}") from exc
-    manifest = check_format(
-        document,
-        format=FORMAT,
-        version=VERSION,
-        what=repr(str(folder / MANIFEST)),
-        where=str(folder),
-    )
-    for key, kind in (("state", dict), ("tensors", dict), ("files", dict)):
-        if not isinstance(manifest.get(key), kind):
-            raise CorruptFileError(f"{str(folder / MANIFEST)!r} has no valid {key!r} section")
+    with open(file, "rb") as f:
+        raw = f.read(_json.MAX_BYTES + 1)
+    return parse_manifest(raw, path=str(folder / MANIFEST))
+
+
+_DTYPES = frozenset(dtype_name(d) for d in DTYPE_FROM_NAME.values())
+
+
+def parse_manifest(raw: bytes, *, path: str) -> dict[str, Any]:
+    """Validate the bytes of a ``checkpoint.json``; return the manifest.
+
+    Pure: nothing but ``raw`` is read. Checks the JSON (bounded, strict), the format and
+    version, the ``state``/``tensors``/``files`` sections, every file name (a plain name in
+    the checkpoint's folder) and every tensor record (file listed, known dtype, shape of
+    non-negative integers, integer byte counts).
+
+    Args:
+        raw: the file's bytes.
+        path: the manifest file, for messages.
+
+    Raises:
+        CorruptFileError: malformed JSON or records, another format, a newer version.
+        UnsafeFileError: a file name leading out of the checkpoint folder.
+    """
+    document = _json.loads(raw, path=path, what="checkpoint.json manifest")
+    where = str(Path(path).parent)
+    manifest = check_format(document, format=FORMAT, version=VERSION, what=repr(path), where=where)
+    for key in ("state", "tensors", "files"):
+        if not isinstance(manifest.get(key), dict):
+            raise CorruptFileError(f"{path!r} has no valid {key!r} section")
+
+    def bad(problem: str) -> CorruptFileError:
+        return CorruptFileError(f"{path!r} is damaged: {problem}")
+
+    for name, info in manifest["files"].items():
+        check_name(name, path=path, what="file", flat=True)
+        if not isinstance(info, dict) or not _count(info.get("bytes")):
+            raise bad(f"file {name!r} has no valid byte count")
+    for name, info in manifest["tensors"].items():
+        if not isinstance(info, dict):
+            raise bad(f"tensor {name!r} has no valid record")
+        if not isinstance(info.get("file"), str) or info["file"] not in manifest["files"]:
+            raise bad(f"tensor {name!r} is in unlisted file {info.get('file')!r}")
+        if info.get("dtype") not in _DTYPES:
+            raise bad(f"tensor {name!r} has unknown dtype {info.get('dtype')!r}")
+        shape = info.get("shape")
+        if not isinstance(shape, list) or not all(_count(d) for d in shape):
+            raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
+        if "nbytes" in info and not _count(info["nbytes"]):
+            raise bad(f"tensor {name!r} has an invalid byte count {info['nbytes']!r}")
+        if "xxh3" in info and not isinstance(info["xxh3"], str):
+            raise bad(f"tensor {name!r} has an invalid checksum {info['xxh3']!r}")
+    objects = manifest.get("objects")
+    if objects is not None and not isinstance(objects, dict):
+        raise bad("its 'objects' record is not an object")
     return manifest
+
+
+def _count(value: object) -> bool:
+    return type(value) is int and 0 <= value < (1 << 63)
 
 
 class NativeCheckpoint:
@@ -388,8 +435,9 @@ class NativeCheckpoint:
         return CorruptFileError(f"checkpoint {str(self.path)!r} is damaged: {problem}")
 
     def _open(self) -> None:
+        where = str(self.path / MANIFEST)
         for name, info in self.manifest["files"].items():
-            file = self.path / name
+            file = member(self.path, name, path=where, what="file", flat=True)
             if not file.is_file():
                 raise self._corrupt(f"its file {name!r} is missing")
             size = file.stat().st_size
@@ -447,7 +495,8 @@ class NativeCheckpoint:
                 "you trust whoever wrote the checkpoint.",
                 path=str(self.path / OBJECTS),
             )
-        data = (self.path / OBJECTS).read_bytes()
+        where = str(self.path / MANIFEST)
+        data = member(self.path, OBJECTS, path=where, what="file", flat=True).read_bytes()
         if len(data) != info.get("bytes") or xxhash.xxh3_64_hexdigest(data) != info.get("xxh3"):
             raise ChecksumError(f"{str(self.path / OBJECTS)!r} does not match its checksum")
         loaded = pickle.loads(data)  # the caller declared the checkpoint trusted

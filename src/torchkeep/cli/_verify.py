@@ -10,16 +10,18 @@ shard is checked and each problem is named. What is checked per format:
 - torch legacy and plain pickles: the pickle, scanned and loaded through the allowlist;
 - sharded folders: the index, every shard (as above), and that each shard holds the tensors
   the index places in it;
-- other formats (native checkpoint folders, ...): every safetensors file inside, then the
-  format's own ``Source.verify``.
+- other formats (native checkpoint folders, DCP folders, ...): every safetensors file inside,
+  then the format's own ``Source.verify``.
 
-Checksums are computed while streaming the file in 16 MiB blocks, so memory stays flat.
+Every file is also opened the way the loaders open it (``formats.registry.open_format``, the
+same header parser, containment checks and typed errors), so verify never passes what a load
+refuses. Checksums are computed while streaming the file in 16 MiB blocks, so memory stays flat.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import stat
 import zipfile
 import zlib
 from collections.abc import Iterable
@@ -28,11 +30,18 @@ from pathlib import Path
 
 import xxhash
 
-from torchkeep._pickle_scan import PickleScanError, scan_torch_file
-from torchkeep._unpickle import classify
+from torchkeep._contain import member
+from torchkeep._torch_files import MAX_COMPRESSED_PICKLE
 from torchkeep.cli._output import ProgressFn
-from torchkeep.errors import CorruptFileError, TorchkeepError, UnknownFormatError, UnsafeFileError
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptFileError,
+    TorchkeepError,
+    UnknownFormatError,
+    UnsafeFileError,
+)
 from torchkeep.formats._base import Format, OpenOptions
+from torchkeep.formats._guard import reading
 from torchkeep.formats.registry import (
     PICKLE,
     SAFETENSORS,
@@ -40,9 +49,10 @@ from torchkeep.formats.registry import (
     TORCH_LEGACY,
     TORCH_ZIP,
     detect,
+    open_format,
 )
-from torchkeep.formats.safetensors import ALIASES_KEY, CHECKSUMS_KEY, parse_header
-from torchkeep.formats.sharded import find_index, parse_index
+from torchkeep.formats.safetensors import read_header
+from torchkeep.formats.sharded import find_index, read_index
 
 _BLOCK = 16 << 20
 _PICKLED = (TORCH_ZIP, TORCH_LEGACY, PICKLE)
@@ -115,29 +125,40 @@ class _Checker:
         before = len(self.result.problems)
         if path.is_dir():
             for shard in sorted(path.rglob("*.safetensors")):
-                self.safetensors(shard)
+                name = str(shard.relative_to(path))
+                try:
+                    inside = member(path, name, path=str(path), what="file")
+                except UnsafeFileError:
+                    self.result.notes.append(f"{shard}: a symlink out of the folder, not followed")
+                    continue
+                self.safetensors(inside)
         try:
-            with fmt.open(path, self.options) as source:
+            with open_format(path, fmt, self.options) as source:
                 if len(self.result.problems) == before:  # else verify() repeats the first one
                     source.verify()
                 self.result.tensors = max(
                     self.result.tensors, sum(len(e) for e in source.entries().values())
                 )
                 return {name for entry in source.entries().values() for name in entry}
-        except CorruptFileError as exc:  # ChecksumError included
+        except (CorruptFileError, UnsafeFileError) as exc:  # ChecksumError included
             self.problem(path, str(exc))
             return None
 
     def safetensors(self, path: Path) -> set[str] | None:
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            self.problem(path, f"cannot open it: {exc.strerror}")
+            return None
         try:
             try:
-                start, entries, metadata = parse_header(str(path), fd, os.fstat(fd).st_size)
+                # The loaders' own parser: whatever a load refuses, this refuses.
+                header = read_header(str(path), fd, os.fstat(fd).st_size)
             except CorruptFileError as exc:
                 self.problem(path, str(exc))
                 return None
-            checksums = self._json_field(path, metadata, CHECKSUMS_KEY)
-            aliases = self._json_field(path, metadata, ALIASES_KEY)
+            start, entries = header.data_start, header.tensors
+            checksums, aliases = header.checksums, header.aliases
             for name, entry in entries.items():
                 expected = checksums.get(name)
                 if expected is not None:
@@ -167,18 +188,6 @@ class _Checker:
         self.result.tensors += len(entries)
         return set(entries) | set(aliases)
 
-    def _json_field(self, path: Path, metadata: dict[str, str], key: str) -> dict[str, str]:
-        if key not in metadata:
-            return {}
-        try:
-            value = json.loads(metadata[key])
-        except json.JSONDecodeError:
-            value = None
-        if not isinstance(value, dict):
-            self.problem(path, f"metadata field {key!r} is not a JSON object")
-            return {}
-        return {str(k): str(v) for k, v in value.items()}
-
     def zip_records(self, path: Path) -> bool:
         """Read every record, so zipfile checks each CRC-32; True when all are readable."""
         try:
@@ -189,6 +198,16 @@ class _Checker:
         sound = True
         with archive:
             for info in archive.infolist():
+                if (
+                    info.compress_type != zipfile.ZIP_STORED
+                    and info.file_size > MAX_COMPRESSED_PICKLE
+                ):
+                    self.problem(
+                        f"{path}:{info.filename}",
+                        f"compressed record expands to {info.file_size} bytes; not read",
+                    )
+                    sound = False
+                    continue
                 try:
                     with archive.open(info) as record:
                         while record.read(_BLOCK):
@@ -201,50 +220,43 @@ class _Checker:
 
     def pickle(self, path: Path, fmt: Format) -> set[str] | None:
         try:
-            refs = scan_torch_file(path)
-        except (PickleScanError, OSError) as exc:
-            self.problem(path, f"the pickle is malformed or truncated: {exc}")
-            return None
-        dangerous = sorted({r.qualname for r in refs if classify(r.qualname) == "dangerous"})
-        if dangerous and not self.options.trust:
-            self.result.notes.append(
-                f"{path}: contents not unpickled, as the pickle references dangerous globals "
-                f"({', '.join(dangerous)}); see `torchkeep scan`"
-            )
-            return None
-        try:
-            with fmt.open(path, self.options) as source:
+            with open_format(path, fmt, self.options) as source:
+                # Every tensor, as a load would take it (storages must be whole).
+                for entry, infos in source.entries().items():
+                    for name in infos:
+                        source.get(entry, name)
                 names = next(iter(source.entries().values()), {})
                 self.result.tensors += sum(len(e) for e in source.entries().values())
                 return set(names)
-        except UnsafeFileError as exc:
-            refused = ", ".join(exc.globals) or "see `torchkeep scan`"
-            self.result.notes.append(
-                f"{path}: contents not unpickled, as the pickle references globals outside the "
-                f"allowlist ({refused}); pass --trust or --allow-global to check them"
-            )
-            return None
-        except (CorruptFileError, UnknownFormatError) as exc:
+        except (UnsafeFileError, CorruptFileError, UnknownFormatError) as exc:
             self.problem(path, str(exc))
             return None
 
     def sharded(self, path: Path) -> None:
-        index = find_index(path) if path.is_dir() else path
-        if index is None:
-            self.problem(path, "no *.index.json weight map")
-            return
         try:
-            weight_map = parse_index(index)
-        except CorruptFileError as exc:
-            self.problem(index, str(exc))
+            index = find_index(path) if path.is_dir() else path
+            if index is None:
+                self.problem(path, "no *.index.json weight map")
+                return
+            weight_map = read_index(index)
+        except (CorruptFileError, UnsafeFileError) as exc:
+            self.problem(path, str(exc))
             return
         for shard in sorted(set(weight_map.values())):
-            file = index.parent / shard
+            try:
+                file = member(index.parent, shard, path=str(index), what="shard", flat=True)
+            except UnsafeFileError as exc:
+                self.problem(index.parent / shard, str(exc))
+                continue
+            if file.is_dir():
+                self.problem(index.parent / shard, f"listed in {index.name} but a folder")
+                continue
             if not file.is_file():
-                self.problem(file, f"listed in {index.name} but missing")
+                self.problem(index.parent / shard, f"listed in {index.name} but missing")
                 continue
             try:
-                _, fmt = detect(file)
+                with reading(file):
+                    _, fmt = detect(file)
             except (CorruptFileError, UnknownFormatError) as exc:
                 self.problem(file, str(exc))
                 continue
@@ -254,6 +266,12 @@ class _Checker:
             for name, where in weight_map.items():
                 if where == shard and name not in held:
                     self.problem(file, f"{index.name} places {name!r} here, but the shard lacks it")
+        if not self.result.problems:
+            # The loader's own checks across the shards (an index named as a shard, ...).
+            try:
+                open_format(path, SHARDED, self.options).close()
+            except (CorruptFileError, UnsafeFileError, CheckpointNotFoundError) as exc:
+                self.problem(path, str(exc))
 
 
 def _digest(fd: int, begin: int, end: int) -> str:
@@ -270,7 +288,9 @@ def _digest(fd: int, begin: int, end: int) -> str:
 
 def _size(path: Path) -> int:
     if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        # lstat: a symlink out of the folder is not looked through.
+        sizes = (p.lstat() for p in path.rglob("*"))
+        return sum(s.st_size for s in sizes if stat.S_ISREG(s.st_mode))
     return path.stat().st_size
 
 
@@ -289,8 +309,9 @@ def verify_path(
     where = Path(os.fspath(path))
     result = VerifyResult(str(where))
     try:
-        resolved, fmt = detect(where)
-    except (CorruptFileError, UnknownFormatError) as exc:
+        with reading(where):
+            resolved, fmt = detect(where)
+    except (CorruptFileError, UnknownFormatError, UnsafeFileError) as exc:
         result.problems.append(Problem(str(where), str(exc)))
         return result
     result.format = fmt.name
@@ -302,7 +323,7 @@ def verify_path(
         else:
             checker.file(resolved, fmt)
     except TorchkeepError as exc:
-        if not isinstance(exc, CorruptFileError):
+        if not isinstance(exc, CorruptFileError | UnsafeFileError):
             raise
         checker.problem(resolved, str(exc))
     return result

@@ -9,8 +9,7 @@ from pathlib import Path
 import click
 from rich.text import Text
 
-from torchkeep._pickle_scan import PickleScanError, scan_torch_file
-from torchkeep._unpickle import Verdict, classify
+from torchkeep._unpickle import Verdict, scan_file
 from torchkeep.cli._app import EXIT_DANGEROUS, EXIT_FOUND, EXIT_OK, debug_option, json_option
 from torchkeep.cli._output import console, emit_json, print_columns
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError
@@ -24,9 +23,13 @@ Examples:
   torchkeep scan model.bin || echo "do not load model.bin without --trust"
 
 \b
+Every pickle is run on the same checking machine the loaders use (tensors on the meta
+device, nothing executed), so scan and the loaders agree.
 Verdicts: safe (on torchkeep's allowlist: tensors, containers, plain values), unknown
-(usually a class from the author's code: loading it needs that code and trusts it),
-dangerous (can run commands, evaluate code or touch files: os.system, eval, ...).
+(usually a class from the author's code: torchkeep reads it as inert data; loading it for
+real needs that code and trusts it), dangerous (can run code, import, or touch files or the
+network however it is spelled — os.system, torch.os.system, getattr, a module — or the pickle
+does something loaders refuse, such as setting attributes on a class).
 safetensors files hold no pickle and are always safe.
 
 \b
@@ -47,11 +50,13 @@ class FileScan:
     file: str
     pickle: bool
     globals: dict[str, Verdict] = field(default_factory=dict)
+    problem: str | None = None
+    worst: Verdict = "safe"
 
     @property
     def verdict(self) -> Verdict:
-        """The worst verdict of its globals."""
-        return max(self.globals.values(), key=lambda v: _RANK[v], default="safe")
+        """The worst verdict of its globals and of what its pickle does."""
+        return max([self.worst, *self.globals.values()], key=lambda v: _RANK[v])
 
 
 def _scan_file(path: Path) -> FileScan:
@@ -59,13 +64,10 @@ def _scan_file(path: Path) -> FileScan:
         head = f.read(64)
     if SAFETENSORS.sniff(path, head):
         return FileScan(str(path), pickle=False)
-    try:
-        refs = scan_torch_file(path)
-    except PickleScanError as exc:
-        raise CorruptFileError(
-            f"cannot scan {str(path)!r}: it is not a pickle-based file, or it is damaged ({exc})"
-        ) from exc
-    return FileScan(str(path), True, {ref.qualname: classify(ref.qualname) for ref in refs})
+    result = scan_file(str(path))
+    if result.corrupt and not result.globals:
+        raise CorruptFileError(f"cannot scan {str(path)!r}: {result.problem}")
+    return FileScan(str(path), True, result.globals, result.problem, result.verdict)
 
 
 def _looks_scannable(path: Path) -> bool:
@@ -117,6 +119,7 @@ def command(ctx: click.Context, path: Path, as_json: bool) -> None:
                         "pickle": s.pickle,
                         "verdict": s.verdict,
                         "globals": [{"name": n, "verdict": v} for n, v in s.globals.items()],
+                        "problem": s.problem,
                     }
                     for s in scans
                 ],
@@ -132,5 +135,7 @@ def command(ctx: click.Context, path: Path, as_json: bool) -> None:
             print_columns(
                 out, [[Text(v, style=_STYLES[v]), name] for name, v in scan.globals.items()]
             )
+            if scan.problem:
+                out.print(Text(scan.problem, style=_STYLES[scan.worst]))
         out.print(Text(f"verdict: {verdict}", style=_STYLES[verdict]))
     ctx.exit({"safe": EXIT_OK, "unknown": EXIT_FOUND, "dangerous": EXIT_DANGEROUS}[verdict])

@@ -17,6 +17,7 @@ import torch
 from torchkeep._tensors import TensorInfo
 from torchkeep.errors import UnknownFormatError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.formats._guard import reading
 from torchkeep.formats.native import _describe as describe
 
 # torch.distributed.checkpoint takes most of a second to import: only on first use.
@@ -33,6 +34,7 @@ class DcpSource(Source):
         self._device = options.device
         self._reader = SafeReader(path)
         infos = tensor_infos(self._reader.read_metadata())
+        self._infos = infos
         self._stored: dict[str, dict[str, str]] = {}
         if (path / MARKER).is_file():
             marker = read_marker(path)
@@ -66,17 +68,25 @@ class DcpSource(Source):
 
     def get(self, entry: str, name: str) -> torch.Tensor:
         info = self._entries[entry][name]
-        dtype = getattr(torch, info.dtype)
         if self._device == "meta":
-            return torch.empty(info.shape, dtype=dtype, device="meta")
+            return torch.empty(info.shape, dtype=getattr(torch, info.dtype), device="meta")
+        out = self._load(self._stored[entry][name], info)
+        return out if self._device == "cpu" else out.to(self._device)
+
+    def _load(self, stored: str, info: TensorInfo) -> torch.Tensor:
         from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
         from torchkeep._dcp_io import quiet
 
-        out = torch.empty(info.shape, dtype=dtype)
-        with quiet():
-            dcp_load({self._stored[entry][name]: out}, storage_reader=self._reader, no_dist=True)
-        return out if self._device == "cpu" else out.to(self._device)
+        out = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
+        with reading(self.path), quiet():
+            dcp_load({stored: out}, storage_reader=self._reader, no_dist=True)
+        return out
+
+    def verify(self, entry: str | None = None) -> None:
+        """Read every tensor item: DCP records no checksums, but each chunk must load whole."""
+        for stored, info in self._infos.items():
+            self._load(stored, info)
 
 
 class DcpFormat:

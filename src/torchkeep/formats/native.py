@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from torchkeep._tensors import TensorInfo, numel
-from torchkeep.errors import UnknownFormatError
+from torchkeep.errors import CorruptFileError, UnknownFormatError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 
 MANIFEST = "checkpoint.json"
@@ -37,14 +37,20 @@ class NativeSource(Source):
             if not isinstance(entry, dict):
                 continue
             if entry.get("kind") == "module" and isinstance(entry.get("value"), dict):
-                names = {
-                    name: ref["name"]
+                names: dict[str, Any] = {
+                    name: ref.get("name")
                     for name, ref in entry["value"].items()
                     if isinstance(ref, dict) and ref.get("__tk__") == "tensor"
                 }
+                for name, stored in names.items():
+                    if not isinstance(stored, str) or stored not in stored_info:
+                        raise CorruptFileError(
+                            f"checkpoint {str(path)!r} is damaged: entry {key!r} refers to "
+                            f"tensor {stored!r} for {name!r}, which is not stored"
+                        )
                 self._stored[key] = names
                 self._entries[key] = {
-                    name: _info(name, stored_info.get(stored, {})) for name, stored in names.items()
+                    name: _info(name, stored_info[stored]) for name, stored in names.items()
                 }
             else:
                 self.extras[key] = _describe(entry)

@@ -7,11 +7,14 @@ from pathlib import Path
 
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, UnknownFormatError
 from torchkeep.formats._base import Format, OpenOptions, Source
+from torchkeep.formats._guard import reading
 from torchkeep.formats.dcp import DcpFormat
 from torchkeep.formats.native import NativeFormat
+from torchkeep.formats.pt2 import Pt2Format
 from torchkeep.formats.safetensors import SafetensorsFormat
 from torchkeep.formats.sharded import ShardedFormat
 from torchkeep.formats.torch_pickle import PlainPickleFormat, TorchLegacyFormat, TorchZipFormat
+from torchkeep.formats.torchscript import TorchScriptFormat
 
 _HEAD_BYTES = 64
 # Single-file weights a model folder commonly holds, most preferred first.
@@ -25,9 +28,24 @@ _FOLDER_FILES = (
 
 
 def open_source(path: Path, options: OpenOptions) -> Source:
-    """Detect ``path``'s format from its bytes and open it."""
-    resolved, fmt = detect(path)
-    return fmt.open(resolved, options)
+    """Detect ``path``'s format from its bytes and open it.
+
+    Raises:
+        CheckpointNotFoundError: nothing at ``path``.
+        UnknownFormatError: bytes of no supported format.
+        CorruptFileError: malformed data; whatever the parser raised is the cause.
+        UnsafeFileError: hostile structure (globals outside the allowlist, names leading
+            out of the folder).
+    """
+    with reading(path):
+        resolved, fmt = detect(path)
+    return open_format(resolved, fmt, options)
+
+
+def open_format(path: Path, fmt: Format, options: OpenOptions) -> Source:
+    """Open ``path`` as ``fmt``, every failure a typed error naming the file."""
+    with reading(path):
+        return fmt.open(path, options)
 
 
 SAFETENSORS = SafetensorsFormat()
@@ -37,10 +55,19 @@ PICKLE = PlainPickleFormat()
 SHARDED = ShardedFormat(open_source)
 NATIVE = NativeFormat()
 DCP = DcpFormat()
+TORCHSCRIPT = TorchScriptFormat()
+TORCH_EXPORT = Pt2Format()
 
 # Order matters: the most specific signatures first; plain pickle last, as it matches any
 # protocol-2+ pickle (the legacy torch layout starts with one too).
-FILE_FORMATS: tuple[Format, ...] = (SAFETENSORS, TORCH_ZIP, TORCH_LEGACY, PICKLE)
+FILE_FORMATS: tuple[Format, ...] = (
+    SAFETENSORS,
+    TORCHSCRIPT,
+    TORCH_EXPORT,
+    TORCH_ZIP,
+    TORCH_LEGACY,
+    PICKLE,
+)
 BY_NAME: dict[str, Format] = {
     "safetensors": SAFETENSORS,
     "torch": TORCH_ZIP,

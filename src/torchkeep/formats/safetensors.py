@@ -14,19 +14,20 @@ import json
 import os
 import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import xxhash
 
+from torchkeep import _json
 from torchkeep._tensors import (
     DTYPE_FROM_NAME,
     NAME_FROM_DTYPE,
     TensorInfo,
     byte_view,
     dtype_name,
-    numel,
     xxh3,
 )
 from torchkeep.errors import ChecksumError, CorruptFileError
@@ -36,7 +37,12 @@ from torchkeep.io.write import FilePlan, Slot, write_files
 
 ALIASES_KEY = "torchkeep.aliases"
 CHECKSUMS_KEY = "torchkeep.xxh3"
-_MAX_HEADER = 100 * 1024 * 1024
+# Read by torchkeep._model; checked here so that every reader refuses a malformed one.
+MODEL_KEY = "torchkeep.model"
+# The reference parser's limit on the header length.
+MAX_HEADER = 100_000_000
+_INT64_MAX = (1 << 63) - 1
+_UINT64_MAX = (1 << 64) - 1
 
 
 class _Entry:
@@ -49,62 +55,131 @@ class _Entry:
         self.end = end
 
 
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header.
+
+    Attributes:
+        data_start: the file offset where tensor data begins (8 + the header length).
+        tensors: every stored tensor, in header order.
+        metadata: ``__metadata__`` (strings to strings).
+        aliases: torchkeep's tied names, ``{alias: stored name}``.
+        checksums: torchkeep's per-tensor xxh3 digests, ``{name: hex}``.
+    """
+
+    data_start: int
+    tensors: dict[str, _Entry]
+    metadata: dict[str, str]
+    aliases: dict[str, str]
+    checksums: dict[str, str]
+
+
 def _corrupt(path: str, problem: str) -> CorruptFileError:
     return CorruptFileError(f"{path!r} is not a valid safetensors file: {problem}")
 
 
-def parse_header(path: str, fd: int, size: int) -> tuple[int, dict[str, _Entry], dict[str, str]]:
-    """Read and validate the header; return (data start offset, entries, metadata)."""
-    if size < 8:
-        raise _corrupt(path, f"the file is {size} bytes, shorter than the 8-byte header length")
-    (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-    if length > size - 8:
+def _is_index(value: object, limit: int) -> bool:
+    # bool is an int subclass; JSON true is not a size.
+    return type(value) is int and 0 <= value <= limit
+
+
+def parse_header(raw: bytes, *, path: str, file_size: int) -> Header:
+    """Validate a safetensors header as strictly as the ``safetensors`` library does, or more.
+
+    Checks the length field against ``file_size``, that the header is strict UTF-8 JSON
+    (bounded depth, no duplicate keys, no NaN), every tensor's dtype (known names only),
+    shape and ``data_offsets`` (non-negative integers, not booleans, within int64), that
+    each tensor's byte count (overflow-checked) matches its offsets, that the tensors tile the
+    data section without gaps or overlaps, that the data section is exactly as long as the
+    file, and that ``__metadata__`` and torchkeep's JSON fields in it are well formed.
+
+    Args:
+        raw: the file's first bytes: the 8-byte length and at least the whole header (the
+            whole file will do).
+        path: the file, for messages.
+        file_size: the file's full length in bytes.
+
+    Returns:
+        The validated header.
+
+    Raises:
+        CorruptFileError: anything malformed, naming the file, the tensor and the offset.
+    """
+    if file_size < 8 or len(raw) < 8:
+        raise _corrupt(path, f"the file is {file_size} bytes, shorter than the 8-byte length field")
+    (length,) = struct.unpack("<Q", raw[:8])
+    if length > file_size - 8:
         raise _corrupt(
             path,
-            f"the header length field says {length} bytes but only {size - 8} bytes follow it "
-            "(the file is truncated, or its first bytes are damaged)",
+            f"the header length field says {length} bytes but only {file_size - 8} bytes follow "
+            "it (the file is truncated, or its first bytes are damaged)",
         )
-    if length > _MAX_HEADER:
+    if length > MAX_HEADER:
         raise _corrupt(path, f"the header length field says {length} bytes, over the 100 MB limit")
-    raw = os.pread(fd, length, 8)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(
-            path, f"the header (bytes 8 to {8 + length}) is not valid JSON: {exc}"
-        ) from exc
+    if len(raw) < 8 + length:
+        raise _corrupt(path, f"only {len(raw) - 8} of the header's {length} bytes were given")
+    text = raw[8 : 8 + length]
+    if not text.startswith(b"{"):
+        raise _corrupt(path, "the header (from byte 8) does not start with '{'")
+    header = _json.loads(text, path=path, what="safetensors header", max_bytes=MAX_HEADER)
     if not isinstance(header, dict):
         raise _corrupt(path, "the header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _corrupt(path, "__metadata__ must map strings to strings")
-    entries = {name: _parse_entry(path, name, spec) for name, spec in header.items()}
+    tensors = {name: _parse_entry(path, name, spec) for name, spec in header.items()}
     data_start = 8 + length
-    _check_layout(path, entries, size - data_start)
-    return data_start, entries, metadata
+    _check_layout(path, tensors, file_size - data_start)
+    _check_json(path, metadata, MODEL_KEY)
+    return Header(
+        data_start,
+        tensors,
+        metadata,
+        _json_field(path, metadata, ALIASES_KEY),
+        _json_field(path, metadata, CHECKSUMS_KEY),
+    )
+
+
+def read_header(path: str, fd: int, size: int) -> Header:
+    """Read the header of the open file ``fd`` (``size`` bytes long) and validate it."""
+    head = os.pread(fd, 8, 0) if size >= 8 else b""
+    if len(head) == 8:
+        (length,) = struct.unpack("<Q", head)
+        if length <= min(size - 8, MAX_HEADER):
+            head += os.pread(fd, length, 8)
+    return parse_header(head, path=path, file_size=size)
 
 
 def _parse_entry(path: str, name: str, spec: Any) -> _Entry:
     if not isinstance(spec, dict):
         raise _corrupt(path, f"the header entry for tensor {name!r} is not an object")
     code = spec.get("dtype")
-    if code not in DTYPE_FROM_NAME:
+    if not isinstance(code, str) or code not in DTYPE_FROM_NAME:
         raise _corrupt(path, f"tensor {name!r} has unsupported dtype {code!r}")
     shape = spec.get("shape")
     offsets = spec.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_is_index(d, _INT64_MAX) for d in shape):
         raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or not all(_is_index(o, _UINT64_MAX) for o in offsets)
         or offsets[0] > offsets[1]
     ):
         raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
     dtype = DTYPE_FROM_NAME[code]
-    expected = numel(tuple(shape)) * dtype.itemsize
+    count = 1
+    for dim in shape:
+        # Checked at every step, as the reference parser does, so a zero later in the shape
+        # does not excuse an overflow earlier in it.
+        count *= dim
+        if count > _INT64_MAX:
+            raise _corrupt(path, f"tensor {name!r} has a shape {shape} whose size overflows")
+    expected = count * dtype.itemsize
+    if expected > _INT64_MAX:
+        raise _corrupt(path, f"tensor {name!r} ({code}{shape}) is too large to exist")
     if offsets[1] - offsets[0] != expected:
         raise _corrupt(
             path,
@@ -142,12 +217,16 @@ class SafetensorsSource(Source):
         self._fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(self._fd).st_size
-            self._data_start, self._tensors, self.metadata = parse_header(str(path), self._fd, size)
-            aliases = _json_field(str(path), self.metadata, ALIASES_KEY)
-            self._checksums = _json_field(str(path), self.metadata, CHECKSUMS_KEY)
+            header = read_header(str(path), self._fd, size)
         except BaseException:
             os.close(self._fd)
             raise
+        self._data_start, self._tensors, self.metadata = (
+            header.data_start,
+            header.tensors,
+            header.metadata,
+        )
+        self._checksums, aliases = header.checksums, header.aliases
         infos = {
             name: TensorInfo(name, e.shape, dtype_name(e.dtype), e.end - e.begin)
             for name, e in self._tensors.items()
@@ -247,15 +326,18 @@ class SafetensorsSource(Source):
 
 
 def _json_field(path: str, metadata: dict[str, str], key: str) -> dict[str, str]:
+    """A torchkeep metadata field holding a JSON object of strings (aliases, checksums)."""
     if key not in metadata:
         return {}
-    try:
-        value = json.loads(metadata[key])
-    except json.JSONDecodeError as exc:
-        raise _corrupt(path, f"metadata field {key!r} is not valid JSON") from exc
-    if not isinstance(value, dict):
-        raise _corrupt(path, f"metadata field {key!r} is not a JSON object")
-    return {str(k): str(v) for k, v in value.items()}
+    value = _json.loads(metadata[key], path=path, what=f"metadata field {key!r}")
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise _corrupt(path, f"metadata field {key!r} is not a JSON object of strings")
+    return value
+
+
+def _check_json(path: str, metadata: dict[str, str], key: str) -> None:
+    if key in metadata:
+        _json.loads(metadata[key], path=path, what=f"metadata field {key!r}")
 
 
 def build_header(

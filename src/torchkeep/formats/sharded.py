@@ -8,6 +8,7 @@ folders written here load there and the other way round.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,46 +16,88 @@ from typing import Any
 
 import torch
 
+from torchkeep import _json
+from torchkeep._contain import check_name, member
 from torchkeep._tensors import TensorInfo
-from torchkeep.errors import CheckpointNotFoundError, CorruptFileError
+from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, UnsafeFileError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 from torchkeep.formats.safetensors import SafetensorsFormat, SafetensorsSource
 from torchkeep.io._sys import io_threads
 from torchkeep.io.read import ReadExtent, read_extents
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+INDEX_SUFFIX = ".index.json"
 _INDEX_PREFERENCE = (SAFETENSORS_INDEX, "pytorch_model.bin.index.json")
 
 
 def find_index(folder: Path) -> Path | None:
-    """The folder's weight-map index file, preferring safetensors over torch shards."""
+    """The folder's weight-map index file, preferring safetensors over torch shards.
+
+    Raises:
+        UnsafeFileError: the index is a symlink leading out of the folder.
+    """
     for name in _INDEX_PREFERENCE:
-        if (folder / name).is_file():
+        if _is_file(folder, name):
             return folder / name
-    candidates = sorted(folder.glob("*.index.json"))
+    candidates = sorted(p for p in folder.glob("*" + INDEX_SUFFIX) if _is_file(folder, p.name))
     candidates.sort(key=lambda p: ".safetensors." not in p.name)
     return candidates[0] if candidates else None
 
 
-def parse_index(index: Path) -> dict[str, str]:
-    """Read and validate the weight map ``{tensor name: shard file name}``."""
-    try:
-        data = json.loads(index.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptFileError(f"index {str(index)!r} is not valid JSON: {exc}") from exc
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-    ):
+def _is_file(folder: Path, name: str) -> bool:
+    # Resolved inside the folder first: a symlink out of it is refused, never followed.
+    return member(folder, name, path=str(folder), what="index", flat=True).is_file()
+
+
+def _parse(raw: bytes, path: str) -> tuple[dict[str, str], dict[str, str]]:
+    document = _json.loads(raw, path=path, what="index.json")
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptFileError(
-            f'index {str(index)!r} has no "weight_map" object mapping tensor names to files'
+            f'index {path!r} has no "weight_map" object mapping tensor names to files'
         )
-    for shard in set(weight_map.values()):
-        if Path(shard).name != shard:
-            raise CorruptFileError(
-                f"index {str(index)!r} names shard {shard!r} outside its folder; refusing it"
+    for shard in sorted(set(weight_map.values())):
+        check_name(shard, path=path, what="shard", flat=True)
+        if shard.endswith(INDEX_SUFFIX):
+            raise UnsafeFileError(
+                f"index {path!r} names another index, {shard!r}, as a shard; refusing it "
+                "(an index may only name weight files)",
+                path=path,
             )
-    return weight_map
+    meta = document.get("metadata")
+    metadata = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+    return weight_map, metadata
+
+
+def _read(index: Path) -> bytes:
+    with open(index, "rb") as f:
+        raw = f.read(_json.MAX_BYTES + 1)
+    return raw
+
+
+def parse_index(raw: bytes | Path, *, path: str | None = None) -> dict[str, str]:
+    """Validate a weight map; return ``{tensor name: shard file name}``.
+
+    Every shard name must be a plain file name in the index's folder (no folders, no
+    ``..``, not absolute) and must not be another index.
+
+    Args:
+        raw: the bytes of the ``*.index.json`` file (or, for callers that have only the
+            path, the path itself: it is read).
+        path: the index file, for messages.
+
+    Raises:
+        CorruptFileError: not a bounded, strict JSON object with a ``weight_map`` of strings.
+        UnsafeFileError: a shard name that leads out of the folder or names an index.
+    """
+    if isinstance(raw, Path):
+        return read_index(raw)
+    return _parse(raw, path if path is not None else "<index.json>")[0]
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """Read and validate the weight map of the ``*.index.json`` file ``index``."""
+    return _parse(_read(index), str(index))[0]
 
 
 class ShardedSource(Source):
@@ -65,13 +108,14 @@ class ShardedSource(Source):
     ) -> None:
         super().__init__(str(index.parent), "sharded")
         self._index = index
-        self._weight_map = parse_index(index)
+        self._weight_map, self.metadata = _parse(_read(index), str(index))
         self._options = options
         self._opener = opener
         self._shards: dict[str, Source] = {}
-        missing = sorted(
-            s for s in set(self._weight_map.values()) if not (index.parent / s).is_file()
-        )
+        self._files = {
+            shard: self._shard_file(shard) for shard in sorted(set(self._weight_map.values()))
+        }
+        missing = [shard for shard, file in self._files.items() if file is None]
         if missing:
             raise CheckpointNotFoundError(
                 f"sharded checkpoint {self.path!r} is incomplete: its index {index.name} lists "
@@ -95,15 +139,30 @@ class ShardedSource(Source):
             aliases.update(shard.aliases(""))
         self._entries = {"": {name: infos[name] for name in self._weight_map}}
         self._aliases = {"": aliases}
-        try:
-            meta = json.loads(index.read_text()).get("metadata") or {}
-        except (OSError, json.JSONDecodeError):
-            meta = {}
-        self.metadata = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+    def _shard_file(self, shard: str) -> Path | None:
+        """The shard's real path, checked to be a weight file inside the folder; None: absent."""
+        where = str(self._index)
+        file = member(self._index.parent, shard, path=where, what="shard", flat=True)
+        if file.name.endswith(INDEX_SUFFIX) or file == Path(os.path.realpath(self._index)):
+            raise UnsafeFileError(
+                f"index {where!r} names shard {shard!r}, which is an index; refusing it",
+                path=where,
+            )
+        if file.is_dir():
+            raise UnsafeFileError(
+                f"index {where!r} names shard {shard!r}, which is a folder, not a weight file; "
+                "refusing it",
+                path=where,
+            )
+        return file if file.is_file() else None
 
     def _shard(self, file: str) -> Source:
         if file not in self._shards:
-            self._shards[file] = self._opener(self._index.parent / file, self._options)
+            path = self._files.get(file)
+            if path is None:
+                raise CheckpointNotFoundError(f"shard {file!r} of {self.path!r} does not exist")
+            self._shards[file] = self._opener(path, self._options)
         return self._shards[file]
 
     def _entry_of(self, shard: Source) -> str:

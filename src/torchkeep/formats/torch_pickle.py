@@ -1,7 +1,8 @@
 """Files written by ``torch.save`` (zip and legacy layouts) and plain pickles.
 
-All three are read through the allowlisting unpickler (``_unpickle``): the file is scanned
-first and refused, naming every offending global, before anything is unpickled.
+All three are read by torchkeep itself (``_torch_files``, ``_unpickle``): every pickle runs on
+the opcode-checking machine, so nothing in the file is executed, and a refusal names every
+offending global at once.
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ import torch
 
 from torchkeep._stubs import find_stubs, is_module_like, module_state_dict, module_tree
 from torchkeep._tensors import TensorInfo, dtype_name, find_aliases
+from torchkeep._torch_files import LEGACY_MAGIC, ZIP_MAGIC
 from torchkeep._unpickle import safe_pickle_load, safe_torch_load
 from torchkeep.errors import ChecksumError, CorruptFileError, UnknownFormatError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 
-# pickle.dump(torch's legacy magic number, protocol=2), the first bytes of every legacy file.
-LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
-_ZIP_MAGIC = b"PK\x03\x04"
 _MAX_DEPTH = 4
 
 
@@ -124,32 +123,19 @@ class TorchZipFormat:
     is_folder: bool = False
 
     def sniff(self, path: Path, head: bytes) -> bool:
-        if not head.startswith(_ZIP_MAGIC):
+        if not head.startswith(ZIP_MAGIC):
             return False
         try:
             with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
+                names = [n.lower() for n in archive.namelist()]
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
             return True  # a damaged zip: opening it explains what is wrong
-        if any(n.endswith("constants.pkl") for n in names):
-            raise UnknownFormatError(
-                f"{str(path)!r} is a TorchScript archive, not a weights file; load it with "
-                "torch.jit.load(path) (only if you trust it), or re-save its weights with "
-                "torchkeep.save(torch.jit.load(path).state_dict(), 'weights.safetensors')"
-            )
-        return any(n == "data.pkl" or n.endswith("/data.pkl") for n in names)
+        # TorchScript archives (constants.pkl beside data.pkl) are another format.
+        return not any(n.endswith("/constants.pkl") for n in names) and any(
+            n.endswith("/data.pkl") for n in names
+        )
 
     def open(self, path: Path, options: OpenOptions) -> Source:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                archive.namelist()
-        except zipfile.BadZipFile as exc:
-            size = path.stat().st_size
-            raise CorruptFileError(
-                f"{str(path)!r} starts like a torch.save zip file but its zip directory, which "
-                f"ends the file, cannot be read ({exc}): the file ({size} bytes) is truncated "
-                "or damaged; save it again, or copy it again from its source"
-            ) from exc
         obj = safe_torch_load(
             str(path),
             map_location=_map_location(options),

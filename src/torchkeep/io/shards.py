@@ -14,7 +14,6 @@ file cannot change under either checkpoint.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +22,10 @@ from typing import Any
 
 import torch
 
+from torchkeep import _json
+from torchkeep._contain import member
 from torchkeep._tensors import byte_view, dtype_name
+from torchkeep.errors import UnsafeFileError
 from torchkeep.formats._base import WriteRequest
 from torchkeep.formats.safetensors import file_plan
 from torchkeep.io.recycle import RecycleBin
@@ -119,17 +121,23 @@ class ShardsWritten:
 def _previous_shards(folder: Path) -> dict[frozenset[str], tuple[Path, dict[str, Any], int]]:
     """The previous checkpoint's files by the set of tensor names each holds."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_bytes())
+        where = str(folder / MANIFEST)
+        raw = member(folder, MANIFEST, path=where, what="manifest", flat=True).read_bytes()
+        manifest = _json.loads(raw, path=where, what="checkpoint.json manifest")
         tensors, files = manifest["tensors"], manifest["files"]
         by_file: dict[str, dict[str, Any]] = {}
         for name, info in tensors.items():
             by_file.setdefault(str(info["file"]), {})[name] = info
         return {
-            frozenset(infos): (folder / file, infos, int(files[file]["bytes"]))
+            frozenset(infos): (
+                member(folder, file, path=where, what="file", flat=True),
+                infos,
+                int(files[file]["bytes"]),
+            )
             for file, infos in by_file.items()
-            if Path(file).name == file and file in files
+            if file in files
         }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnsafeFileError):
         return {}  # no usable previous checkpoint: everything is written
 
 

@@ -1,0 +1,1 @@
+"""Fuzz harnesses for torchkeep's parsers (see run.py)."""
