@@ -302,7 +302,8 @@ def main() -> None:
         exports.append("cnn.onnx")
     for name in exports:
         print(f"  {tk.export(restored, (example,), OUT / name)}")
-    deployed = tk.load_for_inference(OUT / "cnn.pt2")
+    # An exported program runs code from its file: trust=True says this one is our own.
+    deployed = tk.load_for_inference(OUT / "cnn.pt2", trust=True)
     with torch.no_grad():
         predictions = deployed(example).argmax(1).tolist()
     print(f"  load_for_inference(cnn.pt2) predicts {predictions}")

@@ -255,7 +255,7 @@ def test_load_model_checks_the_class_before_calling_it(tmp_path: Path) -> None:
     size = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8 : 8 + size])
     cases = (
-        ("os:system", False, tk.ModelRebuildError, "not an nn.Module"),
+        ("os:system", False, tk.UnsafeFileError, "not an nn.Module"),
         ("nowhere.mod:Net", False, tk.UnsafeFileError, "not imported"),
         ("nowhere.mod:Net", True, tk.ModelRebuildError, "cannot import"),
     )

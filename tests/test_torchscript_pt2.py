@@ -61,7 +61,23 @@ class Nested(nn.Module):
         return self.heads["a"](y) * self.scale + self.heads["b"](y) + self.offset + self.plain
 
 
-MODELS: dict[str, type[nn.Module]] = {"linear": LinearNet, "convbn": ConvBN, "nested": Nested}
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(4, 4)
+        self.dec = nn.Linear(4, 4)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(torch.tanh(self.enc(x.flatten(1)[:, :4])))
+
+
+MODELS: dict[str, type[nn.Module]] = {
+    "linear": LinearNet,
+    "convbn": ConvBN,
+    "nested": Nested,
+    "tied": Tied,
+}
 X = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
 
 
@@ -130,6 +146,8 @@ def test_load_into_a_fresh_model_gives_the_same_outputs(
     assert set(report.unexpected) <= {"offset"}
     with torch.no_grad():
         assert torch.equal(fresh(X), model(X))
+    if name == "tied":
+        assert fresh.dec.weight is fresh.enc.weight
 
 
 def test_inspect_lists_the_tensors(archive: tuple[str, str, nn.Module, Path]) -> None:
@@ -145,6 +163,7 @@ def test_inspect_lists_the_tensors(archive: tuple[str, str, nn.Module, Path]) ->
             "linear": ("fc", "linear.Linear"),
             "convbn": ("conv", "conv.Conv2d"),
             "nested": ("body.1", "batchnorm.BatchNorm2d"),
+            "tied": ("dec", "linear.Linear"),
         }[name]
         classes = {m.name: m.type for m in info.modules}
         assert classes[layer] == f"torch.nn.modules.{cls}"
@@ -284,7 +303,7 @@ def test_record_lookup_in_an_imported_module_runs_no_hooks(
     with pytest.raises(tk.ModelRebuildError, match="has no"):
         tk.load_model(_recorded(tmp_path, "tk_records_lazy_mod:Net"))
     assert not marker.exists()
-    with pytest.raises(tk.ModelRebuildError, match="not an nn.Module"):
+    with pytest.raises(tk.UnsafeFileError, match="not an nn.Module"):
         tk.load_model(_recorded(tmp_path, "tk_records_lazy_mod:NotAModule"))
     lazy.Net = LinearNet  # type: ignore[attr-defined]
     assert isinstance(tk.load_model(_recorded(tmp_path, "tk_records_lazy_mod:Net")), LinearNet)

@@ -50,6 +50,11 @@ def check_name(name: object, *, path: str, what: str, flat: bool = False) -> str
     )
     if bad:
         raise OutsideFolderError(_outside(path, what, name), path=path)
+    if len(name) > 4096 or any(len(part.encode("utf-8", "replace")) > 255 for part in parts):
+        raise CorruptFileError(
+            f"{path!r} names {what} {name[:80]!r}... whose name is longer than a file system "
+            "allows (a damaged or hostile file)"
+        )
     return name
 
 

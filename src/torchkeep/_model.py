@@ -245,8 +245,13 @@ def _import_class(spec: str, *, trust: bool, path: Path) -> type[torch.nn.Module
             )
         obj = found
     if not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
-        raise ModelRebuildError(
-            f"{spec!r} names a {type(obj).__name__}, not an nn.Module subclass; refusing to call it"
+        raise UnsafeFileError(
+            f"refusing {str(path)!r}: its model record names {spec!r}, a "
+            f"{type(obj).__name__}, not an nn.Module subclass, so it is not called. Build the "
+            "model yourself and load its weights with load_model(path, cls=YourModel) or "
+            "torchkeep.load(model, path).",
+            path=str(path),
+            globals=(f"{module_name}.{qualname}",),
         )
     return obj
 

@@ -349,6 +349,7 @@ def bytes_(rules: SafeRules, args: tuple[Any, ...]) -> Any:
 
 
 def encode(rules: SafeRules, args: tuple[Any, ...]) -> Any:
+    args_(args, 1, 2, "_codecs.encode")
     if len(args) == 1 and isinstance(args[0], str):
         return args[0].encode("utf-8")
     return bytes_from(args, "_codecs.encode")

@@ -21,7 +21,7 @@ import importlib
 import pathlib
 import sys
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -448,6 +448,10 @@ class SafeRules:
         return self._user.get(id(obj)) is obj
 
     def call(self, func: Any, args: tuple[Any, ...]) -> Any:
+        with _explained(f"calls {_name(func)} with arguments torchkeep does not accept"):
+            return self._call(func, args)
+
+    def _call(self, func: Any, args: tuple[Any, ...]) -> Any:
         if isinstance(func, type) and issubclass(func, StubObject):
             return func(*args)
         if isinstance(func, StubObject):
@@ -457,9 +461,13 @@ class SafeRules:
             return check(self, args)
         if self._is_user(func):
             return func(*args)
-        raise Refusal(f"calls {_name(func)}, which torchkeep never calls")
+        raise Refusal(f"calls {_name(func)}, which torchkeep never calls", plain=True)
 
     def new(self, cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        with _explained(f"constructs {_name(cls)} from arguments torchkeep does not accept"):
+            return self._new(cls, args, kwargs)
+
+    def _new(self, cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if isinstance(cls, type) and issubclass(cls, StubObject):
             obj = cls(*args)
             if kwargs:
@@ -468,7 +476,7 @@ class SafeRules:
         if self._is_user(cls) and isinstance(cls, type):
             return cls.__new__(cls, *args, **kwargs)
         if kwargs:
-            raise Refusal(f"constructs {_name(cls)} with keyword arguments")
+            raise Refusal(f"constructs {_name(cls)} with keyword arguments", plain=True)
         if cls is torch.nn.Parameter:
             args_(args, 1, 2, "Parameter")
             if len(args) == 2 and type(args[1]) is not bool:
@@ -478,11 +486,15 @@ class SafeRules:
             return cls.__new__(cls)  # type: ignore[call-overload]
         if self._nn.get(id(cls)) is cls and isinstance(cls, type) and not args:
             return cls.__new__(cls)  # type: ignore[call-overload]
-        raise Refusal(f"constructs {_name(cls)}, which torchkeep never constructs")
+        raise Refusal(f"constructs {_name(cls)}, which torchkeep never constructs", plain=True)
 
     def build(self, obj: Any, state: Any) -> None:
+        with _explained(f"sets the state of {_name(type(obj))} objects to something refused"):
+            self._build(obj, state)
+
+    def _build(self, obj: Any, state: Any) -> None:
         if isinstance(obj, (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)):
-            raise Refusal(f"sets attributes on {_name(obj)}")
+            raise Refusal(f"sets attributes on {_name(obj)}", plain=True)
         if isinstance(obj, StubObject):
             if isinstance(state, dict) or (isinstance(state, tuple) and len(state) == 2):
                 # Not an attribute dict: kept whole as _stub_state.
@@ -516,7 +528,9 @@ class SafeRules:
             for key, value in plain_state(slots).items():
                 setattr(obj, key, value)
             return
-        raise Refusal(f"sets the state of {_name(type(obj))} objects, which torchkeep never does")
+        raise Refusal(
+            f"sets the state of {_name(type(obj))} objects, which torchkeep never does", plain=True
+        )
 
     def container(self, obj: Any, kind: str) -> bool:
         if isinstance(obj, StubObject):
@@ -524,8 +538,19 @@ class SafeRules:
         if kind == "dict":
             return type(obj) in DICT_TYPES
         if kind == "list":
-            return type(obj) is list
+            return type(obj) in (list, collections.deque)
         return type(obj) is set
+
+
+@contextlib.contextmanager
+def _explained(what: str) -> Iterator[None]:
+    """Turn an argument check's reason into a sentence about what the pickle does."""
+    try:
+        yield
+    except Refusal as exc:
+        if exc.corrupt or exc.plain:
+            raise
+        raise Refusal(f"{what}: {exc}", plain=True) from None
 
 
 class SurveyRules(SafeRules):

@@ -63,11 +63,13 @@ class Refusal(Exception):
 
     Attributes:
         corrupt: the data is inconsistent (a damaged file) rather than hostile.
+        plain: the reason already says what the pickle does ("calls ...").
     """
 
-    def __init__(self, reason: str, *, corrupt: bool = False) -> None:
+    def __init__(self, reason: str, *, corrupt: bool = False, plain: bool = False) -> None:
         super().__init__(reason)
         self.corrupt = corrupt
+        self.plain = plain
 
 
 # What an allowed call may raise on bad operands that its checker let through; it becomes a

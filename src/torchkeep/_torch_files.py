@@ -136,7 +136,7 @@ class ZipArchive:
 
     def find(self, name: str) -> zipfile.ZipInfo | None:
         """The member ``prefix/name``, matched without regard to case as torch's reader does."""
-        return self.members.get(f"{self.prefix}/{name}".lower())
+        return self.members.get((f"{self.prefix}/{name}" if self.prefix else name).lower())
 
 
 def meta_storage(pid: Any, rules: SafeRules, label: str) -> torch.storage.TypedStorage:
@@ -147,11 +147,12 @@ def meta_storage(pid: Any, rules: SafeRules, label: str) -> torch.storage.TypedS
     return _typed(rules, _meta(nbytes), kind.dtype)
 
 
-def open_zip(path: str, pickle_name: str = "data.pkl") -> ZipArchive:
+def open_zip(path: str, pickle_name: str = "data.pkl", *, flat: bool = False) -> ZipArchive:
     """Open a torch zip and check its member names before anything is read.
 
     ``pickle_name=""`` skips looking for the pickle member (the prefix is then the first
-    member's folder).
+    member's folder); ``flat`` is for archives whose members sit at the top level (prefix
+    ``""``).
 
     Raises:
         CorruptFileError: not a readable zip, or no pickle member.
@@ -182,6 +183,8 @@ def open_zip(path: str, pickle_name: str = "data.pkl") -> ZipArchive:
                 path=path,
             )
         members[name.lower()] = info
+    if flat:
+        return ZipArchive(path, archive, "", members)
     if not pickle_name:
         first = infos[0].filename.split("/")[0] if infos else ""
         return ZipArchive(path, archive, first, members)
@@ -241,8 +244,12 @@ def _data_offset(f: BinaryIO, info: zipfile.ZipInfo, label: str) -> int:
     return start + 30 + int(name_len) + int(extra_len)
 
 
-class _ZipStorages:
-    """persistent_load for a torch zip: one stored record per storage key."""
+class ZipStorages:
+    """persistent_load for a torch zip: one stored record per storage key.
+
+    Also what readers of other zip layouts call with a storage id they build themselves, to
+    take a record with the same checks (stored, exact size, inside the file, byte order).
+    """
 
     def __init__(self, zf: ZipArchive, rules: SafeRules, target: Target, records: str) -> None:
         self.zf = zf
@@ -333,7 +340,7 @@ def read_zip(
     info = zf.find(pickle_name)
     assert info is not None  # open_zip found it
     data = read_member(zf, info)
-    storages = _ZipStorages(zf, rules, target, records)
+    storages = ZipStorages(zf, rules, target, records)
     try:
         value, end = run_pickle(
             data, 0, rules=rules, label=f"{path}:{info.filename}", persistent_load=storages

@@ -259,7 +259,7 @@ def _scan(run: Callable[[SafeRules], Any]) -> ScanResult:
         problem, corrupt = str(exc), True
     if rules.problems and problem is None:
         first = rules.problems[0]
-        problem, corrupt = f"its pickle {first}", first.corrupt
+        problem, corrupt = f"the pickle {first}", first.corrupt
     found: dict[str, Verdict] = {q: rules.refused.get(q, "safe") for q in rules.used}
     return ScanResult(found, problem, corrupt)
 

@@ -389,7 +389,8 @@ def parse_manifest(raw: bytes, *, path: str) -> dict[str, Any]:
     for name, info in manifest["tensors"].items():
         if not isinstance(info, dict):
             raise bad(f"tensor {name!r} has no valid record")
-        if not isinstance(info.get("file"), str) or info["file"] not in manifest["files"]:
+        check_name(info.get("file"), path=path, what="file", flat=True)
+        if info["file"] not in manifest["files"]:
             raise bad(f"tensor {name!r} is in unlisted file {info.get('file')!r}")
         if info.get("dtype") not in _DTYPES:
             raise bad(f"tensor {name!r} has unknown dtype {info.get('dtype')!r}")

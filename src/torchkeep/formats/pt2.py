@@ -41,7 +41,7 @@ from torchkeep import _json
 from torchkeep._pickle_checks import StorageKind
 from torchkeep._pickle_rules import SafeRules
 from torchkeep._tensors import TensorInfo, dtype_name, find_aliases, numel
-from torchkeep._torch_files import ZIP_MAGIC, ZipArchive, _ZipStorages, open_zip, read_member
+from torchkeep._torch_files import ZIP_MAGIC, ZipArchive, ZipStorages, open_zip, read_member
 from torchkeep._unpickle import safe_torch_load
 from torchkeep.errors import CorruptFileError, TorchkeepError, UnknownFormatError, UnsafeFileError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
@@ -249,27 +249,6 @@ def read_pickled(zf: ZipArchive, info: zipfile.ZipInfo, options: OpenOptions) ->
             raise _relabel(exc, name, label) from exc
 
 
-def _flat_archive(label: str) -> ZipArchive:
-    """A zip with members at its top level (the earlier layout), names checked for clashes."""
-    try:
-        archive = zipfile.ZipFile(label)
-        infos = archive.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
-        raise CorruptFileError(f"{label!r}: its zip directory cannot be read ({exc})") from exc
-    members: dict[str, zipfile.ZipInfo] = {}
-    for info in infos:
-        key = info.filename.lower()
-        if key in members:
-            archive.close()
-            raise UnsafeFileError(
-                f"refusing {label!r}: it has two zip members named {info.filename!r} (ignoring "
-                "case), so readers could disagree about its contents",
-                path=label,
-            )
-        members[key] = info
-    return ZipArchive(label, archive, "", members)
-
-
 def _exact(zf: ZipArchive, name: str) -> zipfile.ZipInfo | None:
     """The member ``name`` under the archive's top folder, spelled exactly so.
 
@@ -298,7 +277,7 @@ class Pt2Source(Source):
         self.payloads: dict[str, dict[str, Payload]] = {}
         self.loaded: dict[str, dict[str, torch.Tensor]] = {}
         self._pickled: dict[str, torch.Tensor] = {}
-        self._storages: _ZipStorages | None = None
+        self._storages: ZipStorages | None = None
 
     def add_payloads(self, entry: str, payloads: dict[str, Payload]) -> None:
         order = _state_dict_order({name: p.is_param for name, p in payloads.items()})
@@ -307,18 +286,16 @@ class Pt2Source(Source):
             name: TensorInfo(name, p.shape, dtype_name(p.dtype), p.nbytes)
             for name, p in self.payloads[entry].items()
         }
-        groups: dict[tuple[str, bool], list[str]] = {}
+        # Names viewing the same bytes of one record are tied weights, stored once.
+        first: dict[tuple[object, ...], str] = {}
+        aliases: dict[str, str] = {}
         for name, p in self.payloads[entry].items():
-            groups.setdefault((p.path_name, p.pickled), []).append(name)
-        self._aliases[entry] = {
-            alias: names[0]
-            for names in groups.values()
-            for alias in names[1:]
-            if all(
-                (p.shape, p.stride, p.offset) == (q.shape, q.stride, q.offset)
-                for p, q in [(self.payloads[entry][alias], self.payloads[entry][names[0]])]
-            )
-        }
+            key = (p.path_name, p.pickled, p.shape, p.stride, p.offset)
+            if key in first:
+                aliases[name] = first[key]
+            else:
+                first[key] = name
+        self._aliases[entry] = aliases
 
     def add_tensors(self, entry: str, state: dict[str, torch.Tensor]) -> None:
         order = _state_dict_order({k: isinstance(v, torch.nn.Parameter) for k, v in state.items()})
@@ -370,7 +347,7 @@ class Pt2Source(Source):
             device = "meta" if self.options.meta else "cpu"
             return torch.zeros(payload.shape, dtype=payload.dtype, device=device)
         if self._storages is None:
-            self._storages = _ZipStorages(
+            self._storages = ZipStorages(
                 self.zf, SafeRules(), target_for(self.options), WEIGHTS_DIR
             )
         count = info.file_size // payload.dtype.itemsize
@@ -497,7 +474,7 @@ def _state_dict(value: Any, label: str) -> dict[str, torch.Tensor]:
 
 def _open_legacy(path: Path, options: OpenOptions, format: str) -> Pt2Source:
     label = str(path)
-    zf = _flat_archive(label)
+    zf = open_zip(label, flat=True)
     source = Pt2Source(path, format, zf, options)
     try:
         state = _exact(zf, LEGACY_STATE)
