@@ -13,7 +13,9 @@ help:
 	@echo "make demo   set up .venv and run the demonstration"
 	@echo "make test   set up .venv and run lint, type checks and the test suite"
 	@echo "make bench  compare torchkeep with torch, safetensors and raw I/O (~1 GB state;"
-	@echo "            TK_BENCH_MB=128 for a quick run); writes bench-output/results.json"
+	@echo "            TK_BENCH_MB=128 for a quick run); writes bench-output/results.json;"
+	@echo "            then the checking reader against torch.load(weights_only=True)"
+	@echo "make fuzz   a million fuzzed inputs per parser (FUZZ_EXECUTIONS to change)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +42,7 @@ test: lint typecheck
 # Not part of `test`: it takes minutes and needs a few GB of free disk and memory.
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/unpickle.py
 
 # Not part of `test`: a million inputs per parser by default (FUZZ_EXECUTIONS to change).
 FUZZ_EXECUTIONS ?= 1000000

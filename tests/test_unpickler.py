@@ -392,3 +392,26 @@ def test_a_stub_runs_nothing() -> None:
     with pytest.raises(TypeError):
         stub()
     assert type(stub).__module__ == "torchkeep.stubs"
+
+
+@pytest.mark.parametrize("zip_layout", [True, False])
+def test_a_map_location_function_is_applied_to_every_storage(
+    tmp_path: Path, zip_layout: bool
+) -> None:
+    path = tmp_path / "state.pt"
+    torch.save(_state(), path, _use_new_zipfile_serialization=zip_layout)
+    seen: list[str] = []
+
+    def restore(storage: Any, location: str) -> Any:
+        seen.append(location)
+        return storage
+
+    ours = safe_torch_load(str(path), map_location=restore)
+    theirs = torch.load(path, weights_only=False)
+    assert seen
+    for key, expected in theirs.items():
+        if isinstance(expected, torch.Tensor):
+            assert torch.equal(ours[key], expected), key
+    assert (
+        ours["view"].untyped_storage().data_ptr() == ours["transposed"].untyped_storage().data_ptr()
+    )

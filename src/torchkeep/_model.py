@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import torch
 
 from torchkeep import _json
+from torchkeep._contain import member
 from torchkeep._stubs import find_stubs, is_module_like
 from torchkeep._unpickle import safe_torch_load
 from torchkeep.api import PathLike, load, save, unwrap
@@ -49,7 +50,7 @@ from torchkeep.formats.registry import (
     detect,
 )
 from torchkeep.formats.safetensors import SafetensorsSource
-from torchkeep.formats.sharded import find_index, parse_index
+from torchkeep.formats.sharded import find_index, read_index
 
 MODEL_KEY = "torchkeep.model"
 _INIT_ATTR = "_torchkeep_init"
@@ -265,8 +266,8 @@ def _model_record(path: Path) -> dict[str, Any] | None:
         index = find_index(path)
         if index is None:
             return None
-        first = sorted(set(parse_index(index).values()))[0]
-        path = path / first
+        first = sorted(set(read_index(index).values()))[0]
+        path = member(path, first, path=str(index), what="shard", flat=True)
     with SafetensorsSource(path, OpenOptions()) as source:
         raw = source.metadata.get(MODEL_KEY)
     if raw is None:

@@ -24,7 +24,7 @@ import torch
 from torchkeep._pickle_checks import StorageKind
 from torchkeep._pickle_rules import SafeRules
 from torchkeep._pickle_vm import DEFAULT_LIMITS, Limits, Machine
-from torchkeep.errors import CorruptFileError, UnsafeFileError
+from torchkeep.errors import ChecksumError, CorruptFileError, UnsafeFileError
 
 ZIP_MAGIC = b"PK\x03\x04"
 # pickle.dump(torch's legacy magic number, protocol=2), the first bytes of every legacy file.
@@ -46,6 +46,8 @@ class Target:
     restore: Restore
     meta: bool = False
     mmap: bool = False
+    # Storages stay on the CPU (map_location "cpu"): a legacy file can be read in one pass.
+    cpu: bool = False
 
 
 def restore_for(map_location: Any) -> Restore:
@@ -200,6 +202,34 @@ def open_zip(path: str, pickle_name: str = "data.pkl", *, flat: bool = False) ->
             f"refusing {path!r}: it has {len(pickles)} {pickle_name} members", path=path
         )
     return ZipArchive(path, archive, pickles[0].filename.split("/")[0], members)
+
+
+def check_crcs(path: str) -> None:
+    """Check every zip member's CRC-32 against the zip directory (torch's reader does not).
+
+    Raises:
+        CorruptFileError: the zip cannot be read, or a member expands past what torchkeep
+            reads (a compression bomb is not expanded to be checked).
+        ChecksumError: a member's bytes do not match their CRC-32.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED and (
+                    info.file_size > MAX_COMPRESSED_PICKLE
+                ):
+                    raise CorruptFileError(
+                        f"{path!r}: member {info.filename!r} expands to {info.file_size} bytes; "
+                        "it is not expanded to be checked"
+                    )
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise CorruptFileError(f"{path!r} is not a readable zip file: {exc}") from exc
+    if bad is not None:
+        raise ChecksumError(
+            f"member {bad!r} of {path!r} is damaged: its CRC-32 does not match the one stored "
+            "in the zip directory"
+        )
 
 
 def read_member(zf: ZipArchive, info: zipfile.ZipInfo) -> bytes:
@@ -363,10 +393,21 @@ class _Root:
 
 
 class _LegacyStorages:
-    """persistent_load for the legacy layout; a first pass on meta records what is needed."""
+    """persistent_load for the legacy layout, recording which storages the pickle uses.
 
-    def __init__(self, label: str, rules: SafeRules, fill: Callable[[str, _Root], Any] | None):
+    Without ``fill``, storages are allocated on ``device`` (``meta``, or ``cpu`` to be filled
+    from the data section after the pickle, once every storage is known to be there).
+    """
+
+    def __init__(
+        self,
+        label: str,
+        rules: SafeRules,
+        fill: Callable[[str, _Root], Any] | None,
+        device: str = "meta",
+    ) -> None:
         self.label = label
+        self.device = device
         self.rules = rules
         self.fill = fill
         self.roots: dict[str, _Root] = {}
@@ -392,7 +433,9 @@ class _LegacyStorages:
             storage = (
                 self.fill(key, root)
                 if self.fill is not None
-                else _meta(numel * element_size(root.dtype))
+                else torch.UntypedStorage(  # type: ignore[no-untyped-call]
+                    numel * element_size(root.dtype), device=self.device
+                )
             )
             root.storage = _typed(self.rules, storage, root.dtype)
         if view is None:
@@ -415,9 +458,11 @@ def read_legacy(path: str, *, rules: SafeRules, target: Target) -> Any:
 
     The layout is four pickles (magic number, protocol, system info, the object) then a pickled
     list of storage keys and each storage's element count and bytes, in that order. The object
-    pickle runs twice: once on meta storages to learn which storages exist (every one must
-    have its data in the file — unfilled storages would be uninitialised memory), then with
-    storages filled from the data section.
+    pickle runs once, on storages allocated on the CPU (or meta); the storage keys that follow
+    must name every one of them, with matching element counts (an unfilled storage would be
+    uninitialised memory), and only then are they filled from the data section. For other
+    ``map_location`` targets the pickle runs a second time with storages filled and restored
+    as they are made.
     """
     with open(path, "rb") as f:
         try:
@@ -440,9 +485,10 @@ def _read_legacy(path: str, buf: Any, rules: SafeRules, target: Target) -> Any:
     if header.refused:
         raise UnsafeFileError(f"refusing {path!r}: its header pickles reference globals", path=path)
     object_start = pos
-    # On meta the survey is the whole read; otherwise its stand-in storages stay apart.
-    survey_rules = rules if target.meta else SafeRules(rules.extra, torch_nn=rules.torch_nn)
-    survey = _LegacyStorages(path, survey_rules, None)
+    # On meta or the CPU the survey is the whole read; otherwise its storages stay apart.
+    single = target.meta or target.cpu
+    survey_rules = rules if single else SafeRules(rules.extra, torch_nn=rules.torch_nn)
+    survey = _LegacyStorages(path, survey_rules, None, "cpu" if target.cpu else "meta")
     value, pos = run_pickle(buf, pos, rules=survey.rules, label=path, persistent_load=survey)
     keys, pos = run_pickle(buf, pos, rules=header, label=path)
     if not isinstance(keys, list) or not all(type(k) is str for k in keys):
@@ -471,12 +517,22 @@ def _read_legacy(path: str, buf: Any, rules: SafeRules, target: Target) -> Any:
     if target.meta:
         return value
 
-    def fill(key: str, root: _Root) -> torch.UntypedStorage:
-        nbytes = root.numel * element_size(root.dtype)
-        start = offsets[key]
-        data = torch.empty(nbytes, dtype=torch.uint8)
+    def copy(key: str, into: torch.UntypedStorage) -> None:
+        nbytes = into.nbytes()
         if nbytes:
-            data.numpy()[:] = memoryview(buf)[start : start + nbytes]
+            view = torch.empty(0, dtype=torch.uint8).set_(into)
+            view.numpy()[:] = memoryview(buf)[offsets[key] : offsets[key] + nbytes]
+
+    if target.cpu:
+        for key in keys:
+            root = survey.roots[key]
+            assert root.storage is not None  # every root key was seen by the pickle
+            copy(key, root.storage._untyped_storage)
+        return value
+
+    def fill(key: str, root: _Root) -> torch.UntypedStorage:
+        data = torch.empty(root.numel * element_size(root.dtype), dtype=torch.uint8)
+        copy(key, data.untyped_storage())
         return target.restore(data.untyped_storage(), "cpu")
 
     storages = _LegacyStorages(path, rules, fill)

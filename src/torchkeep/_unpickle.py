@@ -190,7 +190,8 @@ def _read(path: str, rules: SafeRules, map_location: Any, mmap: bool) -> Any:
     with open(path, "rb") as f:
         head = f.read(len(LEGACY_MAGIC))
     meta = map_location == "meta" or str(map_location) == "meta"
-    target = Target(restore_for(None if meta else map_location), meta=meta, mmap=mmap)
+    cpu = map_location == "cpu" or str(map_location) == "cpu"
+    target = Target(restore_for(None if meta else map_location), meta=meta, mmap=mmap, cpu=cpu)
     if head.startswith(ZIP_MAGIC):
         zf = open_zip(path)
         if zf.find("constants.pkl") is not None:

@@ -30,6 +30,7 @@ from torchkeep import _json, _state
 from torchkeep._contain import check_name, member
 from torchkeep._manifest import check_format, manifest_header, now, number, plain_json
 from torchkeep._tensors import DTYPE_FROM_NAME, dtype_name, to_cpu_contiguous, xxh3
+from torchkeep._torch_files import check_crcs
 from torchkeep._tree import (
     Flattener,
     Unflattener,
@@ -547,10 +548,7 @@ def _decode_torch(
     path: Path, targets: Mapping[str, object], *, verify: bool, trust: bool, rng: bool
 ) -> tuple[dict[str, Any], Any]:
     if verify and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-        if bad is not None:
-            raise ChecksumError(f"{str(path)!r} is damaged: member {bad!r} fails its CRC check")
+        check_crcs(str(path))
     loaded = safe_torch_load(str(path), map_location="cpu", trust=trust)
     if not isinstance(loaded, Mapping):
         raise InvalidStateError(

@@ -9,12 +9,13 @@ from pathlib import Path
 import click
 from rich.text import Text
 
+from torchkeep._contain import member
 from torchkeep._unpickle import Verdict, scan_file
 from torchkeep.cli._app import EXIT_DANGEROUS, EXIT_FOUND, EXIT_OK, debug_option, json_option
 from torchkeep.cli._output import console, emit_json, print_columns
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError
 from torchkeep.formats.registry import SAFETENSORS
-from torchkeep.formats.sharded import find_index, parse_index
+from torchkeep.formats.sharded import find_index, read_index
 
 EPILOG = """\b
 Examples:
@@ -89,7 +90,10 @@ def scan_path(path: Path) -> list[FileScan]:
         return [_scan_file(path)]
     index = find_index(path)
     if index is not None:
-        return [_scan_file(path / s) for s in sorted(set(parse_index(index).values()))]
+        shards = sorted(set(read_index(index).values()))
+        return [
+            _scan_file(member(path, s, path=str(index), what="shard", flat=True)) for s in shards
+        ]
     files = [p for p in sorted(path.rglob("*")) if p.is_file() and _looks_scannable(p)]
     if not files:
         raise CheckpointNotFoundError(

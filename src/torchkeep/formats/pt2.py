@@ -41,11 +41,18 @@ from torchkeep import _json
 from torchkeep._pickle_checks import StorageKind
 from torchkeep._pickle_rules import SafeRules
 from torchkeep._tensors import TensorInfo, dtype_name, find_aliases, numel
-from torchkeep._torch_files import ZIP_MAGIC, ZipArchive, ZipStorages, open_zip, read_member
+from torchkeep._torch_files import (
+    ZIP_MAGIC,
+    ZipArchive,
+    ZipStorages,
+    check_crcs,
+    open_zip,
+    read_member,
+)
 from torchkeep._unpickle import safe_torch_load
 from torchkeep.errors import CorruptFileError, TorchkeepError, UnknownFormatError, UnsafeFileError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
-from torchkeep.formats.torchscript import is_torchscript, target_for, verify_zip, zip_names
+from torchkeep.formats.torchscript import is_torchscript, target_for, zip_names
 
 FORMAT_MARK = "archive_format"
 FORMAT_VALUE = b"pt2"
@@ -357,7 +364,7 @@ class Pt2Source(Source):
         return tensor.set_(storage, payload.offset, payload.shape, payload.stride)
 
     def verify(self, entry: str | None = None) -> None:
-        verify_zip(self.path)
+        check_crcs(self.path)
 
     def close(self) -> None:
         if self._storages is not None:

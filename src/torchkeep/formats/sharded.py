@@ -75,24 +75,21 @@ def _read(index: Path) -> bytes:
     return raw
 
 
-def parse_index(raw: bytes | Path, *, path: str | None = None) -> dict[str, str]:
+def parse_index(raw: bytes, *, path: str) -> dict[str, str]:
     """Validate a weight map; return ``{tensor name: shard file name}``.
 
     Every shard name must be a plain file name in the index's folder (no folders, no
     ``..``, not absolute) and must not be another index.
 
     Args:
-        raw: the bytes of the ``*.index.json`` file (or, for callers that have only the
-            path, the path itself: it is read).
+        raw: the bytes of the ``*.index.json`` file.
         path: the index file, for messages.
 
     Raises:
         CorruptFileError: not a bounded, strict JSON object with a ``weight_map`` of strings.
         UnsafeFileError: a shard name that leads out of the folder or names an index.
     """
-    if isinstance(raw, Path):
-        return read_index(raw)
-    return _parse(raw, path if path is not None else "<index.json>")[0]
+    return _parse(raw, path)[0]
 
 
 def read_index(index: Path) -> dict[str, str]:

@@ -16,9 +16,9 @@ import torch
 
 from torchkeep._stubs import find_stubs, is_module_like, module_state_dict, module_tree
 from torchkeep._tensors import TensorInfo, dtype_name, find_aliases
-from torchkeep._torch_files import LEGACY_MAGIC, ZIP_MAGIC
+from torchkeep._torch_files import LEGACY_MAGIC, ZIP_MAGIC, check_crcs
 from torchkeep._unpickle import safe_pickle_load, safe_torch_load
-from torchkeep.errors import ChecksumError, CorruptFileError, UnknownFormatError
+from torchkeep.errors import UnknownFormatError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 
 _MAX_DEPTH = 4
@@ -99,16 +99,7 @@ def _module_roots(obj: Any) -> dict[str, Any]:
 
 class TorchZipSource(PickleSource):
     def verify(self, entry: str | None = None) -> None:
-        try:
-            with zipfile.ZipFile(self.path) as archive:
-                bad = archive.testzip()
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise CorruptFileError(f"{self.path!r} is not a readable zip file: {exc}") from exc
-        if bad is not None:
-            raise ChecksumError(
-                f"record {bad!r} in {self.path!r} is damaged: its CRC-32 does not match the one "
-                "stored in the zip directory"
-            )
+        check_crcs(self.path)
 
 
 def _map_location(options: OpenOptions) -> Any:

@@ -28,13 +28,14 @@ from torchkeep._torch_files import (
     ZIP_MAGIC,
     Target,
     ZipArchive,
+    check_crcs,
     open_zip,
     read_member,
     read_zip,
     restore_for,
 )
 from torchkeep._unpickle import judge, unsafe_message
-from torchkeep.errors import ChecksumError, CorruptFileError, UnknownFormatError, UnsafeFileError
+from torchkeep.errors import CorruptFileError, UnknownFormatError, UnsafeFileError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 
 _ROOT = "__torch__"
@@ -231,21 +232,7 @@ class TorchScriptSource(Source):
         return self._tensors[name]
 
     def verify(self, entry: str | None = None) -> None:
-        verify_zip(self.path)
-
-
-def verify_zip(path: str) -> None:
-    """Check every member's CRC-32 against the zip directory."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise CorruptFileError(f"{path!r} is not a readable zip file: {exc}") from exc
-    if bad is not None:
-        raise ChecksumError(
-            f"member {bad!r} of {path!r} is damaged: its CRC-32 does not match the one stored "
-            "in the zip directory"
-        )
+        check_crcs(self.path)
 
 
 def target_for(options: OpenOptions) -> Target:
