@@ -281,6 +281,20 @@ def _dag_bomb(levels: int) -> bytes:
     return finish(asm.get(levels))
 
 
+def _wide_dag(width: int) -> bytes:
+    # One mapping of `width` plain entries, held under `width` keys of another: a few hundred
+    # kilobytes that a walk without memory of what it has seen visits width**2 times.
+    asm = Asm(2).raw(pickle.EMPTY_DICT).str("weight")
+    asm.raw(semantics._rebuild((4,), (1,)).bytes()).raw(pickle.SETITEM)
+    asm.str("config").raw(pickle.EMPTY_DICT).mark()
+    for i in range(width):
+        asm.str(f"k{i}").int(i)
+    asm.raw(pickle.SETITEMS).put(0).pop().raw(pickle.EMPTY_DICT).mark()
+    for i in range(width):
+        asm.str(f"o{i}").get(0)
+    return finish(asm.raw(pickle.SETITEMS + pickle.SETITEM))
+
+
 RESOURCES: dict[str, tuple[Callable[[], bytes], Expect, bool]] = {
     # name: (pickle, expectation, heavy)
     "bytearray_1e11": (
@@ -349,6 +363,7 @@ RESOURCES: dict[str, tuple[Callable[[], bytes], Expect, bool]] = {
     "memo_put_4g": (lambda: finish(Asm(2).raw(pickle.EMPTY_LIST).put(0xFFFFFFFF)), "typed", False),
     "memo_get_missing": (lambda: finish(Asm(2).get(0xFFFFFFF0)), "corrupt", False),
     "dag_bomb_60": (lambda: _dag_bomb(60), "typed", True),
+    "wide_dag_30000": (lambda: _wide_dag(30_000), "typed", True),
 }
 
 for _name, (_fn, _expect, _heavy) in RESOURCES.items():

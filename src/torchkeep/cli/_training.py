@@ -10,8 +10,9 @@ are reported as unavailable rather than read.
 from __future__ import annotations
 
 import argparse
+import itertools
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,7 +203,21 @@ def _settings(value: Any) -> dict[str, str] | None:
         return None
     if any(isinstance(v, (Mapping, torch.Tensor)) for v in value.values()):
         return None
-    return {str(k): text(v) for k, v in value.items()}
+    return _first(value, lambda k, v: (str(k), text(v)))
+
+
+# A summary is for reading: past this many keys of one mapping, the rest are counted, not shown
+# (a file can hold a mapping of millions of entries, or the same one under many keys).
+_MAX_ITEMS = 50
+
+
+def _first(
+    value: Mapping[Any, Any], render: Callable[[Any, Any], tuple[str, str]]
+) -> dict[str, str]:
+    shown = dict(render(k, v) for k, v in itertools.islice(value.items(), _MAX_ITEMS))
+    if len(value) > _MAX_ITEMS:
+        shown["..."] = f"{len(value) - _MAX_ITEMS} more"
+    return shown
 
 
 def summarize(extras: Mapping[str, Any]) -> TrainingSummary:
@@ -236,8 +251,10 @@ def summarize(extras: Mapping[str, Any]) -> TrainingSummary:
         elif (found := _settings(value)) is not None:
             settings[where] = found
         elif isinstance(value, Mapping) and value and depth < 1:
-            for key, item in value.items():
+            for key, item in itertools.islice(value.items(), _MAX_ITEMS):
                 visit(f"{where}.{key}", item, depth + 1)
+            if len(value) > _MAX_ITEMS:
+                values[f"{where}...."] = f"{len(value) - _MAX_ITEMS} more"
         else:
             values[where] = text(value)
 

@@ -30,12 +30,22 @@ def find_entries(obj: Any) -> dict[str, dict[str, torch.Tensor]]:
     The root of a plain state dict is ``""``; a checkpoint dict's weights are found under their
     key (``"state_dict"``, ``"model"``, ``"ema.module"``, ...). A whole-model pickle (real
     modules when trusted, inert stubs otherwise) contributes its ``state_dict()`` names.
+
+    Each container is walked once: one reached again under another path (shared, or a file
+    built to make the walk exponential) only repeats the entry it gave the first time.
     """
     found: dict[str, dict[str, torch.Tensor]] = {}
+    walked: dict[int, tuple[Any, dict[str, torch.Tensor] | None]] = {}
 
     def walk(value: Any, path: str, depth: int) -> None:
+        if id(value) in walked:
+            if walked[id(value)][1] is not None:
+                found[path] = walked[id(value)][1]  # type: ignore[assignment]
+            return
+        walked[id(value)] = (value, None)
         if is_module_like(value):
             found[path] = module_state_dict(value)
+            walked[id(value)] = (value, found[path])
             return
         if isinstance(value, Mapping):
             tensors = {
@@ -43,6 +53,7 @@ def find_entries(obj: Any) -> dict[str, dict[str, torch.Tensor]]:
             }
             if tensors:
                 found[path] = tensors
+                walked[id(value)] = (value, tensors)
             children = [(str(k), v) for k, v in value.items()]
         elif isinstance(value, (list, tuple)):
             children = [(f"[{i}]", v) for i, v in enumerate(value)]
