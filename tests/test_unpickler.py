@@ -415,3 +415,28 @@ def test_a_map_location_function_is_applied_to_every_storage(
     assert (
         ours["view"].untyped_storage().data_ptr() == ours["transposed"].untyped_storage().data_ptr()
     )
+
+
+def test_a_module_tree_shared_exponentially_is_refused_not_walked(tmp_path: Path) -> None:
+    module: torch.nn.Module = torch.nn.Linear(1, 1)
+    for _ in range(25):  # 2**25 paths to the same Linear in a file of a few kilobytes
+        parent = torch.nn.Module()
+        parent.a = module
+        parent.b = module
+        module = parent
+    path = tmp_path / "shared.pt"
+    torch.save(module, path)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(tk.UnsafeFileError, match="more than 1,000,000 names"):
+        tk.load_state_dict(path)
+    with pytest.raises(tk.UnsafeFileError, match="more than 1,000,000 names"):
+        tk.inspect(path)
+
+
+def test_a_module_tree_that_contains_itself_is_corrupt(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.add_module("loop", model)
+    path = tmp_path / "loop.pt"
+    torch.save(model, path)
+    with pytest.raises(tk.CorruptFileError, match="contains itself"):
+        tk.load_state_dict(path)

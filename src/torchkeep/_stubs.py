@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from torchkeep.errors import CorruptFileError, UnsafeFileError
+
 STUB_MODULE = "torchkeep.stubs"
 
 
@@ -89,27 +91,68 @@ def is_module_like(obj: Any) -> bool:
     return all(isinstance(state.get(k), dict) for k in ("_parameters", "_buffers", "_modules"))
 
 
+# A module tree read from a file may share one child under many names at every level, so that
+# a small file names exponentially many tensors; past this many names it is refused.
+MAX_TREE_NAMES = 1_000_000
+
+
+class _Walk:
+    """One bounded walk over a (stub or real) module tree: a name budget and the open path."""
+
+    def __init__(self) -> None:
+        self.left = MAX_TREE_NAMES
+        self.open: set[int] = set()
+
+    def take(self, count: int) -> None:
+        self.left -= count
+        if self.left < 0:
+            raise UnsafeFileError(
+                f"the module tree in this file expands to more than {MAX_TREE_NAMES:,} names "
+                "(the same modules registered under many names); refusing to walk it"
+            )
+
+    def enter(self, obj: Any) -> None:
+        if id(obj) in self.open:
+            raise CorruptFileError("the module tree in this file contains itself")
+        self.open.add(id(obj))
+
+
 def module_state_dict(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """The flat tensors of a (stub or real) module tree, named as ``state_dict()`` names them.
 
     Parameters and persistent buffers are included, ``None`` entries and non-persistent
     buffers are not, in the order modules register them.
+
+    Raises:
+        UnsafeFileError: the tree names more than ``MAX_TREE_NAMES`` tensors.
+        CorruptFileError: the tree contains itself.
     """
-    if isinstance(obj, torch.nn.Module):
-        return {prefix + k: v for k, v in obj.state_dict().items()}
-    state = obj.__dict__
     out: dict[str, torch.Tensor] = {}
+    _state_dict(obj, prefix, out, _Walk())
+    return out
+
+
+def _state_dict(obj: Any, prefix: str, out: dict[str, torch.Tensor], walk: _Walk) -> None:
+    if isinstance(obj, torch.nn.Module):
+        state = obj.state_dict()
+        walk.take(len(state))
+        out.update((prefix + k, v) for k, v in state.items())
+        return
+    walk.enter(obj)
+    state = obj.__dict__
     for name, value in state["_parameters"].items():
         if isinstance(value, torch.Tensor):
+            walk.take(1)
             out[prefix + name] = value
     skip = state.get("_non_persistent_buffers_set") or set()
     for name, value in state["_buffers"].items():
         if isinstance(value, torch.Tensor) and name not in skip:
+            walk.take(1)
             out[prefix + name] = value
     for name, child in state["_modules"].items():
         if child is not None and is_module_like(child):
-            out.update(module_state_dict(child, f"{prefix}{name}."))
-    return out
+            _state_dict(child, f"{prefix}{name}.", out, walk)
+    walk.open.discard(id(obj))
 
 
 @dataclass(frozen=True)
@@ -129,18 +172,43 @@ class ModuleEntry:
     depth: int
 
 
-def module_tree(obj: Any, name: str = "", depth: int = 0) -> list[ModuleEntry]:
-    """Every module under ``obj`` in registration order, with parameter counts."""
-    total = sum(t.numel() for t in module_state_dict(obj).values())
-    entries = [ModuleEntry(name, class_name(obj), total, depth)]
-    children = (
-        dict(obj.named_children()) if isinstance(obj, torch.nn.Module) else obj.__dict__["_modules"]
-    )
-    for child_name, child in children.items():
-        if child is not None and is_module_like(child):
-            path = f"{name}.{child_name}" if name else child_name
-            entries.extend(module_tree(child, path, depth + 1))
+def module_tree(obj: Any) -> list[ModuleEntry]:
+    """Every module under ``obj`` in registration order, with parameter counts.
+
+    Raises:
+        UnsafeFileError: the tree has more than ``MAX_TREE_NAMES`` modules and tensors.
+        CorruptFileError: the tree contains itself.
+    """
+    entries: list[ModuleEntry] = []
+    walk = _Walk()
+
+    # Real modules keep the same three dicts in their __dict__ as the stubs do.
+    def visit(module: Any, name: str, depth: int) -> int:
+        walk.take(1)
+        walk.enter(module)
+        entry = len(entries)
+        entries.append(ModuleEntry(name, class_name(module), 0, depth))
+        total = sum(t.numel() for t in _own_tensors(module))
+        for child_name, child in module.__dict__["_modules"].items():
+            if child is not None and is_module_like(child):
+                total += visit(child, f"{name}.{child_name}" if name else child_name, depth + 1)
+        walk.open.discard(id(module))
+        entries[entry] = ModuleEntry(name, class_name(module), total, depth)
+        return total
+
+    visit(obj, "", 0)
     return entries
+
+
+def _own_tensors(module: Any) -> list[torch.Tensor]:
+    """A (stub or real) module's own parameters and persistent buffers, not its children's."""
+    state = module.__dict__
+    skip = state.get("_non_persistent_buffers_set") or set()
+    params = [v for v in state["_parameters"].values() if isinstance(v, torch.Tensor)]
+    buffers = [
+        v for k, v in state["_buffers"].items() if isinstance(v, torch.Tensor) and k not in skip
+    ]
+    return params + buffers
 
 
 def find_stubs(obj: Any, limit: int = 10_000) -> list[str]:
@@ -164,16 +232,3 @@ def find_stubs(obj: Any, limit: int = 10_000) -> list[str]:
         elif isinstance(item, type) and issubclass(item, StubObject):
             found[item.stub_qualname] = None
     return list(found)
-
-
-def contains_module(obj: Any, depth: int = 3) -> bool:
-    """Whether ``obj`` is, or holds within ``depth`` container levels, a module tree."""
-    if is_module_like(obj):
-        return True
-    if depth == 0:
-        return False
-    if isinstance(obj, dict):
-        return any(contains_module(v, depth - 1) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return any(contains_module(v, depth - 1) for v in obj)
-    return False
