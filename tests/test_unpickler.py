@@ -148,6 +148,7 @@ def test_torch_files_match_torch_load_weights_only(
     )
 
 
+@pytest.mark.filterwarnings("ignore:.*(quantized|TypedStorage).*:UserWarning")
 def test_quantized_tensors_match_torch(tmp_path: Path) -> None:
     x = torch.randn(4, 3)
     state = {
