@@ -40,7 +40,6 @@ __all__ = [
     "Policy",
     "ScanResult",
     "Verdict",
-    "check_refs",
     "classify",
     "safe_pickle_load",
     "safe_torch_load",
@@ -218,11 +217,6 @@ def _trusted_torch_load(path: str, map_location: Any, mmap: bool) -> Any:
         if isinstance(exc, TorchkeepError) or isinstance(exc.__cause__, DeviceError):
             raise
         raise CorruptFileError(f"cannot load {path!r}: the file is damaged ({exc})") from exc
-
-
-def check_refs(label: str, path: str) -> None:
-    """Refuse a torch or pickle file whose pickle needs anything off the allowlist."""
-    safe_torch_load(path, map_location="meta", stubs=False)
 
 
 @dataclass(frozen=True)
