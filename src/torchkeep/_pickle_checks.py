@@ -77,7 +77,11 @@ def int_(value: Any, what: str, *, low: int = 0, high: int = 1 << 62) -> int:
 def ints_(value: Any, what: str, limit: int = 64) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list, torch.Size)) or len(value) > limit:
         raise Refusal(f"{what} is not a short tuple of integers")
-    return tuple(int_(v, what) for v in value)
+    if all(type(v) is int for v in value) and (
+        not value or 0 <= min(value) <= max(value) < 1 << 62
+    ):
+        return tuple(value)
+    return tuple(int_(v, what) for v in value)  # raises, naming the bad value
 
 
 def args_(args: tuple[Any, ...], low: int, high: int, what: str) -> None:

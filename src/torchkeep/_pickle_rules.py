@@ -21,7 +21,7 @@ import importlib
 import pathlib
 import sys
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -448,7 +448,7 @@ class SafeRules:
         return self._user.get(id(obj)) is obj
 
     def call(self, func: Any, args: tuple[Any, ...]) -> Any:
-        with _explained(f"calls {_name(func)} with arguments torchkeep does not accept"):
+        with _explained(lambda: f"calls {_name(func)} with arguments torchkeep does not accept"):
             return self._call(func, args)
 
     def _call(self, func: Any, args: tuple[Any, ...]) -> Any:
@@ -464,7 +464,9 @@ class SafeRules:
         raise Refusal(f"calls {_name(func)}, which torchkeep never calls", plain=True)
 
     def new(self, cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        with _explained(f"constructs {_name(cls)} from arguments torchkeep does not accept"):
+        with _explained(
+            lambda: f"constructs {_name(cls)} from arguments torchkeep does not accept"
+        ):
             return self._new(cls, args, kwargs)
 
     def _new(self, cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -489,7 +491,9 @@ class SafeRules:
         raise Refusal(f"constructs {_name(cls)}, which torchkeep never constructs", plain=True)
 
     def build(self, obj: Any, state: Any) -> None:
-        with _explained(f"sets the state of {_name(type(obj))} objects to something refused"):
+        with _explained(
+            lambda: f"sets the state of {_name(type(obj))} objects to something refused"
+        ):
             self._build(obj, state)
 
     def _build(self, obj: Any, state: Any) -> None:
@@ -543,14 +547,14 @@ class SafeRules:
 
 
 @contextlib.contextmanager
-def _explained(what: str) -> Iterator[None]:
+def _explained(what: Callable[[], str]) -> Iterator[None]:
     """Turn an argument check's reason into a sentence about what the pickle does."""
     try:
         yield
     except Refusal as exc:
         if exc.corrupt or exc.plain:
             raise
-        raise Refusal(f"{what}: {exc}", plain=True) from None
+        raise Refusal(f"{what()}: {exc}", plain=True) from None
 
 
 class SurveyRules(SafeRules):

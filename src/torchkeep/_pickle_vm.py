@@ -143,24 +143,32 @@ class Machine:
     # -- reading --------------------------------------------------------------------------
 
     def read(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > self.end:
+        pos = self.pos
+        if n < 0 or pos + n > self.end:
             raise self.corrupt(f"it ends early (wanted {n} more bytes)")
-        data = bytes(self.buf[self.pos : self.pos + n])
-        self.pos += n
-        return data
+        self.pos = pos + n
+        return self.buf[pos : pos + n]  # type: ignore[no-any-return]  # bytes or mmap: bytes
 
     def readline(self) -> bytes:
         cut = self.buf.find(b"\n", self.pos, min(self.end, self.pos + (1 << 20)))
         if cut < 0:
             raise self.corrupt("a text opcode has no end of line")
-        data = bytes(self.buf[self.pos : cut])
+        data = self.buf[self.pos : cut]
         self.pos = cut + 1
-        return data
+        return data  # type: ignore[no-any-return]
 
     def unpack(self, fmt: str, size: int) -> Any:
-        return struct.unpack(fmt, self.read(size))[0]
+        pos = self.pos
+        if pos + size > self.end:
+            raise self.corrupt(f"it ends early (wanted {size} more bytes)")
+        self.pos = pos + size
+        return struct.unpack_from(fmt, self.buf, pos)[0]
 
     # -- stack ----------------------------------------------------------------------------
+
+    def push(self, value: Any) -> None:
+        # A method, not a bound self.stack.append taken early: pop_mark replaces self.stack.
+        self.stack.append(value)
 
     def pop(self) -> Any:
         if not self.stack:
@@ -181,11 +189,16 @@ class Machine:
 
     def own(self, obj: Any, children: Any = ()) -> Any:
         """Record ``obj`` as made here, with a nesting depth one more than its deepest child."""
-        depth = 1 + max((self.depth.get(id(c), 0) for c in children), default=0)
+        depths = self.depth
+        depth = 1
+        for child in children:
+            inner = depths.get(id(child))
+            if inner is not None and inner >= depth:
+                depth = inner + 1
         if depth > self.limits.max_depth:
             raise self.unsafe(f"nests values more than {self.limits.max_depth} levels deep")
         self.owned[id(obj)] = obj
-        self.depth[id(obj)] = depth
+        depths[id(obj)] = depth
         return obj
 
     def deepen(self, container: Any, item: Any) -> None:
@@ -268,10 +281,7 @@ class Machine:
         self.pop_mark()
 
     def op_dup(self) -> None:
-        self.stack.append(self.top())
-
-    def push(self, value: Any) -> None:
-        self.stack.append(value)
+        self.push(self.top())
 
     def op_none(self) -> None:
         self.push(None)
