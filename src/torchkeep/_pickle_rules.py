@@ -416,7 +416,6 @@ class SafeRules:
         self.refused: dict[str, Verdict] = {}
         self.storages: dict[int, Any] = {}
         self._checkers: dict[int, tuple[Any, Checker]] = {}
-        self._values: set[int] = set()
         self._user: dict[int, Any] = {}
         self._nn: dict[int, Any] = {}
 

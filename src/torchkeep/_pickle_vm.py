@@ -208,7 +208,7 @@ class Machine:
         self.depth[id(container)] = depth
 
     def fillable(self, obj: Any, kind: str, opcode: str) -> None:
-        if id(obj) not in self.owned or self.owned[id(obj)] is not obj:
+        if id(obj) not in self.owned:  # owned objects stay alive, so an id is theirs alone
             raise self.unsafe(f"uses {opcode} on an object it did not build ({_kind(obj)})")
         if not self.rules.container(obj, kind):
             raise self.unsafe(f"uses {opcode} on {_kind(obj)}, which is not a {kind}")
@@ -564,19 +564,14 @@ class Machine:
         func = self.pop()
         if not isinstance(args, tuple):
             raise self.corrupt("REDUCE arguments are not a tuple")
-        self.push(self.made(self.rules.call(func, args), args))
-
-    def made(self, obj: Any, children: Any) -> Any:
-        if id(obj) in self.owned and self.owned[id(obj)] is not obj:
-            raise self.corrupt("an object was reused")
-        return self.own(obj, children)
+        self.push(self.own(self.rules.call(func, args), args))
 
     def op_newobj(self) -> None:
         args = self.pop()
         cls = self.pop()
         if not isinstance(args, tuple):
             raise self.corrupt("NEWOBJ arguments are not a tuple")
-        self.push(self.made(self.rules.new(cls, args, {}), args))
+        self.push(self.own(self.rules.new(cls, args, {}), args))
 
     def op_newobj_ex(self) -> None:
         kwargs = self.pop()
@@ -584,26 +579,26 @@ class Machine:
         cls = self.pop()
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
             raise self.corrupt("NEWOBJ_EX arguments are not a tuple and a dict")
-        self.push(self.made(self.rules.new(cls, args, kwargs), (*args, *kwargs.values())))
+        self.push(self.own(self.rules.new(cls, args, kwargs), (*args, *kwargs.values())))
 
     def op_obj(self) -> None:
         items = self.pop_mark()
         if not items:
             raise self.corrupt("OBJ without a class")
         cls, args = items[0], tuple(items[1:])
-        self.push(self.made(self.rules.new(cls, args, {}), args))
+        self.push(self.own(self.rules.new(cls, args, {}), args))
 
     def op_inst(self) -> None:
         module = self.readline().decode("utf-8", "replace")
         name = self.readline().decode("utf-8", "replace")
         cls = self.global_name(module, name)
         args = tuple(self.pop_mark())
-        self.push(self.made(self.rules.new(cls, args, {}), args))
+        self.push(self.own(self.rules.new(cls, args, {}), args))
 
     def op_build(self) -> None:
         state = self.pop()
         obj = self.top()
-        if id(obj) not in self.owned or self.owned[id(obj)] is not obj:
+        if id(obj) not in self.owned:  # owned objects stay alive, so an id is theirs alone
             raise self.unsafe(f"sets the state of an object it did not build ({_kind(obj)})")
         self.deepen(obj, state)
         self.rules.build(obj, state)

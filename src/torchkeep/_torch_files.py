@@ -49,6 +49,13 @@ class Target:
     # Storages stay on the CPU (map_location "cpu"): a legacy file can be read in one pass.
     cpu: bool = False
 
+    @classmethod
+    def for_location(cls, map_location: Any, *, mmap: bool = False) -> Target:
+        """The target for a ``torch.load``-style ``map_location`` (``"meta"``: shapes only)."""
+        meta = str(map_location) == "meta"
+        cpu = str(map_location) == "cpu"
+        return cls(restore_for(None if meta else map_location), meta=meta, mmap=mmap, cpu=cpu)
+
 
 def restore_for(map_location: Any) -> Restore:
     """``torch.load``'s ``map_location`` semantics as a function of (storage, location)."""

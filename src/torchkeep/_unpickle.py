@@ -31,7 +31,6 @@ from torchkeep._torch_files import (
     read_legacy,
     read_member,
     read_zip,
-    restore_for,
     run_pickle,
 )
 from torchkeep.errors import CorruptFileError, DeviceError, TorchkeepError, UnsafeFileError
@@ -188,9 +187,7 @@ def safe_torch_load(
 def _read(path: str, rules: SafeRules, map_location: Any, mmap: bool) -> Any:
     with open(path, "rb") as f:
         head = f.read(len(LEGACY_MAGIC))
-    meta = map_location == "meta" or str(map_location) == "meta"
-    cpu = map_location == "cpu" or str(map_location) == "cpu"
-    target = Target(restore_for(None if meta else map_location), meta=meta, mmap=mmap, cpu=cpu)
+    target = Target.for_location(map_location, mmap=mmap)
     if head.startswith(ZIP_MAGIC):
         zf = open_zip(path)
         if zf.find("constants.pkl") is not None:

@@ -32,7 +32,6 @@ from torchkeep._torch_files import (
     open_zip,
     read_member,
     read_zip,
-    restore_for,
 )
 from torchkeep._unpickle import judge, unsafe_message
 from torchkeep.errors import CorruptFileError, UnknownFormatError, UnsafeFileError
@@ -238,9 +237,9 @@ class TorchScriptSource(Source):
 def target_for(options: OpenOptions) -> Target:
     """Where an archive's storages go for ``options`` (meta: shapes only)."""
     if options.meta:
-        return Target(restore_for(None), meta=True)
+        return Target.for_location("meta")
     mmap = options.mmap and options.map_location == "cpu"
-    return Target(restore_for(options.map_location), mmap=mmap)
+    return Target.for_location(options.map_location, mmap=mmap)
 
 
 class TorchScriptFormat:
