@@ -31,7 +31,9 @@ from torchkeep.errors import ChecksumError as ChecksumError
 from torchkeep.errors import CorruptFileError as CorruptFileError
 from torchkeep.errors import DeviceError as DeviceError
 from torchkeep.errors import DownloadError as DownloadError
+from torchkeep.errors import EntryNotFoundError as EntryNotFoundError
 from torchkeep.errors import ExportError as ExportError
+from torchkeep.errors import InvalidArgumentError as InvalidArgumentError
 from torchkeep.errors import InvalidStateError as InvalidStateError
 from torchkeep.errors import KeyMismatchError as KeyMismatchError
 from torchkeep.errors import ModelRebuildError as ModelRebuildError
@@ -39,6 +41,7 @@ from torchkeep.errors import TorchkeepError as TorchkeepError
 from torchkeep.errors import TorchkeepWarning as TorchkeepWarning
 from torchkeep.errors import UnknownFormatError as UnknownFormatError
 from torchkeep.errors import UnsafeFileError as UnsafeFileError
+from torchkeep.errors import UnsupportedTensorError as UnsupportedTensorError
 from torchkeep.errors import UnsupportedValueError as UnsupportedValueError
 from torchkeep.manager import CheckpointManager as CheckpointManager
 from torchkeep.retention import AnyOf as AnyOf
@@ -64,8 +67,10 @@ __all__ = [
     "CorruptFileError",
     "DeviceError",
     "DownloadError",
+    "EntryNotFoundError",
     "ExportError",
     "ExportResult",
+    "InvalidArgumentError",
     "InvalidStateError",
     "KeyMismatchError",
     "LoadReport",
@@ -78,6 +83,7 @@ __all__ = [
     "TorchkeepWarning",
     "UnknownFormatError",
     "UnsafeFileError",
+    "UnsupportedTensorError",
     "__version__",
     "export",
     "inspect",

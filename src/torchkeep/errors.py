@@ -48,6 +48,25 @@ class InvalidStateError(TorchkeepError, TypeError):
     """The object given to save holds no tensors, or is not what the call expects."""
 
 
+class InvalidArgumentError(TorchkeepError, ValueError):
+    """An argument has a value the call cannot use (a size, a suffix, a format name, a rule)."""
+
+
+class EntryNotFoundError(TorchkeepError, KeyError):
+    """The ``entry=`` asked for is not a tensor dict in the file; the message lists those there."""
+
+    def __str__(self) -> str:
+        # KeyError would repr() the message.
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedTensorError(TorchkeepError, TypeError):
+    """A tensor of a kind (layout, dtype, quantization) the chosen format cannot hold.
+
+    The message names the formats that can hold it.
+    """
+
+
 class DeviceError(TorchkeepError, RuntimeError):
     """A tensor cannot be placed on the requested device (for example CUDA is absent)."""
 
@@ -108,6 +127,8 @@ __all__ = [
     "CorruptFileError",
     "DeviceError",
     "DownloadError",
+    "EntryNotFoundError",
+    "InvalidArgumentError",
     "InvalidStateError",
     "ExportError",
     "KeyMismatchError",
@@ -116,5 +137,6 @@ __all__ = [
     "TorchkeepError",
     "UnknownFormatError",
     "UnsafeFileError",
+    "UnsupportedTensorError",
     "UnsupportedValueError",
 ]
