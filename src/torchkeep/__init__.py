@@ -36,6 +36,8 @@ from torchkeep.errors import ExportError as ExportError
 from torchkeep.errors import InvalidArgumentError as InvalidArgumentError
 from torchkeep.errors import InvalidStateError as InvalidStateError
 from torchkeep.errors import KeyMismatchError as KeyMismatchError
+from torchkeep.errors import ManagerClosedError as ManagerClosedError
+from torchkeep.errors import MissingDependencyError as MissingDependencyError
 from torchkeep.errors import ModelRebuildError as ModelRebuildError
 from torchkeep.errors import TorchkeepError as TorchkeepError
 from torchkeep.errors import TorchkeepWarning as TorchkeepWarning
@@ -74,6 +76,8 @@ __all__ = [
     "InvalidStateError",
     "KeyMismatchError",
     "LoadReport",
+    "ManagerClosedError",
+    "MissingDependencyError",
     "ModelRebuildError",
     "ModuleEntry",
     "ModuleInfo",

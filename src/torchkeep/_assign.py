@@ -10,24 +10,50 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchkeep.errors import TorchkeepWarning
+from torchkeep._tensors import FLOAT4
+from torchkeep.errors import InvalidArgumentError, InvalidStateError, TorchkeepWarning
 
 if TYPE_CHECKING:
     from torchkeep.formats._base import Source
 
 
-def cast_floating(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """``state`` with floating-point tensors cast to ``dtype`` (shared tensors stay shared)."""
+def check_floating(dtype: object, what: str) -> None:
+    """Refuse a ``dtype=`` that is not a floating-point (or complex) ``torch.dtype``.
+
+    Raises:
+        InvalidStateError: ``dtype`` is not a ``torch.dtype`` (``"float16"``).
+        InvalidArgumentError: it is an integer or boolean dtype.
+    """
+    if not isinstance(dtype, torch.dtype):
+        raise InvalidStateError(
+            f"{what}: dtype= takes a torch.dtype such as torch.float16, got a "
+            f"{type(dtype).__name__} {dtype!r}"
+        )
     if not dtype.is_floating_point and not dtype.is_complex:
-        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        raise InvalidArgumentError(
+            f"{what}: dtype= casts floating-point weights, so it must be a floating-point "
+            f"dtype (torch.float16, torch.bfloat16, ...), got {dtype}; integer buffers keep "
+            "their own dtype"
+        )
+
+
+def cast_floating(state: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """``state`` with floating-point tensors cast to ``dtype`` (shared tensors stay shared;
+    other values as they are)."""
+    check_floating(dtype, "load_state_dict")
     done: dict[int, torch.Tensor] = {}
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
     for name, tensor in state.items():
-        if not tensor.is_floating_point():
+        # Packed float4 (two values per element) has no conversion; it is kept as it is.
+        if (
+            not isinstance(tensor, torch.Tensor)
+            or not tensor.is_floating_point()
+            or tensor.dtype == FLOAT4
+        ):
             out[name] = tensor
             continue
         key = id(tensor)
@@ -71,9 +97,21 @@ def assign_into(
         if tensor.dtype != target.dtype:
             tensor = tensor.to(target.dtype)
         state[dst] = tensor
-    model.load_state_dict(state, strict=False, assign=True)
+    # What load_state_dict(assign=True) does per name, without running the load machinery of
+    # modules that customise it (those are loaded through it separately).
+    for name, tensor in state.items():
+        module, leaf = _owner(model, name)
+        old = module._parameters.get(leaf)
+        if leaf in module._parameters and old is not None:
+            module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+        else:
+            _set(model, name, tensor)
     for dst, first in tied:
         _set(model, dst, _get(model, first))
+
+
+def warn_meta_left(model: torch.nn.Module) -> None:
+    """Warn about tensors a low-memory load left on the meta device (without data)."""
     left = [
         name
         for name, value in [*model.named_parameters(), *model.named_buffers()]
@@ -111,3 +149,8 @@ def _set(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         module._parameters[leaf] = value  # type: ignore[assignment]
     else:
         module._buffers[leaf] = value
+
+
+def retie(model: torch.nn.Module, name: str, via: str) -> None:
+    """Point ``name`` at the tensor ``via`` holds (a tie that assignment replaced)."""
+    _set(model, name, _get(model, via))

@@ -23,12 +23,25 @@ from pathlib import Path
 import torch
 
 from torchkeep._keys import apply_rename
-from torchkeep._tensors import NAME_FROM_DTYPE, byte_view, check_saveable, to_cpu_contiguous, xxh3
-from torchkeep.api import default_entry, parse_size
-from torchkeep.errors import InvalidStateError
+from torchkeep._tensors import (
+    FLOAT4,
+    NAME_FROM_DTYPE,
+    byte_view,
+    check_saveable,
+    stored_shape,
+    to_cpu_contiguous,
+    xxh3,
+)
+from torchkeep.api import choose_entry, parse_size
+from torchkeep.errors import (
+    CorruptFileError,
+    InvalidArgumentError,
+    InvalidStateError,
+    UnsupportedTensorError,
+)
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 from torchkeep.formats.registry import SAFETENSORS, SHARDED, for_writing, open_source
-from torchkeep.formats.safetensors import ALIASES_KEY, CHECKSUMS_KEY, build_header
+from torchkeep.formats.safetensors import ALIASES_KEY, CHECKSUMS_KEY, build_header, check_storable
 from torchkeep.formats.sharded import SAFETENSORS_INDEX, find_index
 from torchkeep.storage.local import atomic_dir, atomic_file
 
@@ -96,15 +109,15 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """``"bfloat16"``, ``"bf16"``, ``"float16"``, ``"fp16"``, ``"float32"``, ... -> dtype.
 
     Raises:
-        ValueError: not a floating point dtype torch knows.
+        InvalidArgumentError: not a floating point dtype torch knows.
     """
     if isinstance(name, torch.dtype):
         dtype = name
     else:
-        key = name.lower().removeprefix("torch.")
+        key = str(name).lower().removeprefix("torch.")
         dtype = getattr(torch, _DTYPE_ALIASES.get(key, key), None)  # type: ignore[assignment]
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"cannot convert to dtype {name!r}: choose a floating point dtype such as "
             "bfloat16, float16 or float32"
         )
@@ -118,15 +131,19 @@ def parse_rename(rule: str) -> tuple[str, str]:
     cannot contain ``=``.
 
     Raises:
-        ValueError: no ``=``, or the regex does not compile.
+        InvalidArgumentError: no ``=``, or the regex does not compile.
     """
     pattern, sep, replacement = rule.rpartition("=")
     if not sep or not pattern:
-        raise ValueError(f"cannot read rename rule {rule!r}; write it as 'REGEX=REPLACEMENT'")
+        raise InvalidArgumentError(
+            f"cannot read rename rule {rule!r}; write it as 'REGEX=REPLACEMENT'"
+        )
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise ValueError(f"rename rule {rule!r}: {pattern!r} is not a valid regex ({exc})") from exc
+        raise InvalidArgumentError(
+            f"rename rule {rule!r}: {pattern!r} is not a valid regex ({exc})"
+        ) from exc
     return pattern, replacement
 
 
@@ -139,7 +156,7 @@ def rename_map(
     """Map each new name to its source name: prefixes stripped first, then regex rules.
 
     Raises:
-        ValueError: two names end up the same, or a name ends up empty.
+        InvalidArgumentError: two names end up the same, or a name ends up empty.
     """
     compiled = [(re.compile(pattern), repl) for pattern, repl in rename]
 
@@ -150,7 +167,10 @@ def rename_map(
         for pattern, repl in compiled:
             name = pattern.sub(repl, name)
         if not name:
-            raise ValueError(f"the prefix and rename rules turn {original!r} into an empty name")
+            raise InvalidArgumentError(
+                f"the prefix and rename rules turn {original!r} into an empty name; "
+                "make the rules keep part of every name"
+            )
         return name
 
     return apply_rename(names, new_name)
@@ -179,7 +199,8 @@ def convert(
         dest: file or folder to write; its format comes from ``format``, ``shard_size`` or
             its suffix, as for :func:`torchkeep.save`.
         format: ``"safetensors"``, ``"torch"``, ``"torch-legacy"`` or ``"sharded"``.
-        dtype: cast floating point tensors to this dtype (integer and bool tensors are kept).
+        dtype: cast floating point tensors to this dtype (integer, bool, quantized and packed
+            float4 tensors are kept).
         entry: which tensor dict of a checkpoint dict to write (default: its weights).
         strip_prefix: prefixes removed from the start of every name that has them.
         rename: ``(regex, replacement)`` rules applied to every name after ``strip_prefix``.
@@ -194,24 +215,44 @@ def convert(
         A :class:`ConvertResult`.
 
     Raises:
-        ValueError: ``source`` and ``dest`` are the same, or the options contradict.
-        InvalidStateError: a tensor cannot be stored in the output format.
+        InvalidArgumentError: ``source`` and ``dest`` are the same, or the options contradict.
+        UnsupportedTensorError: a tensor cannot be stored in the output format.
+        CorruptFileError: a tensor's data does not match the source's header.
 
     Example:
         >>> convert("ckpt.pt", "model.safetensors", dtype="bfloat16", strip_prefix=["module."])
     """
     src, dst = Path(os.fspath(source)), Path(os.fspath(dest))
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise ValueError(f"the output {str(dst)!r} is the input; write to another path")
+        raise InvalidArgumentError(f"the output {str(dst)!r} is the input; write to another path")
     shard_bytes = parse_size(shard_size) if shard_size is not None else None
     fmt = for_writing(dst, format, sharded=shard_bytes is not None)
     if shard_bytes is not None and fmt is not SHARDED:
-        raise ValueError(f"a shard size writes a sharded folder, not {fmt.name}; drop one of them")
+        raise InvalidArgumentError(
+            f"a shard size writes a sharded folder, not {fmt.name}; drop one of them"
+        )
     _check_destination(dst, folder=fmt.is_folder)
     target = parse_dtype(dtype) if dtype is not None else None
     options = OpenOptions(trust=trust, allow_globals=tuple(allow_globals), mmap=True)
     with open_source(src, options) as reader:
-        chosen = default_entry(reader, entry)
+        choice = choose_entry(reader, entry)
+        chosen = choice.entry
+        if choice.rank == 0 and not choice.explicit:
+            held = ", ".join(repr(n) for n in list(reader.entries()[chosen])[:6])
+            raise InvalidStateError(
+                f"{str(src)!r} holds no model weights: the only tensors found are training "
+                f"state ({held}) in {chosen or 'its top level'!r}; pass entry= to convert them "
+                "anyway"
+            )
+        packed = list(reader.values(chosen))
+        if packed:
+            shown = ", ".join(repr(n) for n in packed[:4]) + (" ..." if len(packed) > 4 else "")
+            raise UnsupportedTensorError(
+                f"{str(src)!r} holds state that is not a tensor beside its weights ({shown}: "
+                "quantized packed parameters, a module's extra state); a weights file cannot "
+                "hold it. Load it into its model with torchkeep.load, or dequantize the model "
+                "and save that"
+            )
         plan, aliases = _plan(reader, chosen, target, strip_prefix, rename)
         meta = {k: v for k, v in reader.metadata.items() if k not in _DERIVED_METADATA}
         meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
@@ -248,11 +289,11 @@ def convert(
 def _check_destination(dst: Path, *, folder: bool) -> None:
     """Refuse to replace what is not a checkpoint of the same kind (a folder is replaced whole)."""
     if not dst.name or dst.name in (".", ".."):
-        raise ValueError(f"cannot write to {str(dst)!r}: name a new file or folder")
+        raise InvalidArgumentError(f"cannot write to {str(dst)!r}: name a new file or folder")
     if dst.is_dir() and not folder:
-        raise ValueError(f"the output {str(dst)!r} is a folder; name a file to write")
+        raise InvalidArgumentError(f"the output {str(dst)!r} is a folder; name a file to write")
     if dst.is_dir() and find_index(dst) is None and any(dst.iterdir()):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"the output folder {str(dst)!r} exists and is not a sharded checkpoint; "
             "writing there would replace everything in it, so choose a new folder"
         )
@@ -273,7 +314,8 @@ def _plan(
     plan: dict[str, _Planned] = {}
     for old, info in infos.items():
         dtype = getattr(torch, info.dtype)
-        if target is not None and dtype.is_floating_point:
+        # Packed float4 (two values per element) has no conversion; it is kept as it is.
+        if target is not None and dtype.is_floating_point and dtype != FLOAT4:
             dtype = target
         plan[new_of_old[old]] = _Planned(old, info.shape, dtype)
     aliases = {
@@ -311,9 +353,10 @@ class _Writer:
         if tensor.dtype != spec.dtype:
             tensor = tensor.to(spec.dtype)
         tensor = to_cpu_contiguous(tensor)
-        if tuple(tensor.shape) != spec.shape:
-            raise InvalidStateError(
-                f"tensor {spec.old!r} in {self.reader.path!r} has shape {list(tensor.shape)}, "
+        shape = stored_shape(tensor)
+        if shape != spec.shape:
+            raise CorruptFileError(
+                f"tensor {spec.old!r} in {self.reader.path!r} has shape {list(shape)}, "
                 f"but the file's header says {list(spec.shape)}"
             )
         return tensor
@@ -326,12 +369,15 @@ class _Writer:
     def safetensors(self, path: Path, names: list[str]) -> None:
         """Stream ``names`` (aliases among them are recorded, not stored) into one file."""
         stored = [n for n in names if n not in self.aliases]
+        layouts = {n: info.layout for n, info in self.reader.entries()[self.entry].items()}
         for name in stored:
-            if self.plan[name].dtype not in NAME_FROM_DTYPE:
-                raise InvalidStateError(
-                    f"tensor {self.plan[name].old!r} has dtype {self.plan[name].dtype}, which "
-                    "safetensors cannot store; write .pt instead, or cast it with --dtype"
-                )
+            spec = self.plan[name]
+            if spec.dtype in NAME_FROM_DTYPE and layouts[spec.old] == "strided":
+                probe = torch.empty(spec.shape, dtype=spec.dtype, device="meta")
+            else:
+                # Refused whatever it is; read it so the message says exactly what it is.
+                probe = self.reader.get(self.entry, spec.old)
+            check_storable(spec.old, probe)
         shapes = {
             n: torch.empty(self.plan[n].shape, dtype=self.plan[n].dtype, device="meta")
             for n in stored

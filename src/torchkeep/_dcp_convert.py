@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torchkeep._dcp_io import Location, quiet, reader, tensor_infos, writer
 from torchkeep._locate import writable
 from torchkeep._tensors import NAME_FROM_DTYPE, byte_view, dtype_name, xxh3
-from torchkeep.errors import CheckpointNotFoundError, InvalidStateError
+from torchkeep.errors import CheckpointNotFoundError, UnsupportedTensorError
 from torchkeep.formats._base import OpenOptions, WriteRequest
 from torchkeep.formats._guard import reading
 from torchkeep.formats.safetensors import build_header
@@ -89,7 +89,7 @@ def dcp_to_safetensors(
     names = _selected(list(infos), prefix, str(src))
     for stored in names:
         if infos[stored].dtype not in {dtype_name(d) for d in NAME_FROM_DTYPE}:
-            raise InvalidStateError(
+            raise UnsupportedTensorError(
                 f"tensor {stored!r} in {str(src)!r} has dtype {infos[stored].dtype}, which "
                 "safetensors cannot store"
             )

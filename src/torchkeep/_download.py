@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from torchkeep._contain import member
-from torchkeep.errors import ChecksumError, DownloadError
+from torchkeep.errors import ChecksumError, DownloadError, InvalidArgumentError
 from torchkeep.storage.local import fsync_dir
 
 CACHE_ENV = "TORCHKEEP_CACHE"
@@ -109,14 +109,16 @@ def _discard(final: Path) -> None:
 def expected_prefix(url: str, sha256: str | None, check_hash: bool) -> str | None:
     """The hex digest (or torch.hub prefix) the download must match, if any."""
     if sha256 is not None:
-        cleaned = sha256.lower().removeprefix("sha256:")
+        cleaned = str(sha256).lower().removeprefix("sha256:")
         if not re.fullmatch(r"[0-9a-f]{1,64}", cleaned):
-            raise ValueError(f"sha256 must be hex digits, got {sha256!r}")
+            raise InvalidArgumentError(
+                f"sha256= must be hex digits (the SHA-256 or a prefix of it), got {sha256!r}"
+            )
         return cleaned
     if check_hash:
         match = _HASH_IN_NAME.search(file_name(url))
         if match is None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"check_hash=True needs a hash prefix in the file name, like "
                 f"'name-<hex>.pth' (torch.hub's convention); {file_name(url)!r} has none: "
                 "pass sha256= instead"

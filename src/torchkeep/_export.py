@@ -21,7 +21,7 @@ import torch
 
 from torchkeep._model import warn_if_training
 from torchkeep.api import PathLike, unwrap
-from torchkeep.errors import ExportError, TorchkeepWarning
+from torchkeep.errors import ExportError, InvalidArgumentError, InvalidStateError, TorchkeepWarning
 from torchkeep.storage.local import atomic_file
 
 FORMATS = ("export", "torchscript", "onnx")
@@ -114,11 +114,13 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 def _format_of(path: Path, format: str | None) -> str:
     if format is not None:
         if format not in FORMATS:
-            raise ValueError(f"unknown export format {format!r}; choose one of {FORMATS}")
+            raise InvalidArgumentError(
+                f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}"
+            )
         return format
     if path.suffix in _SUFFIXES:
         return _SUFFIXES[path.suffix]
-    raise ValueError(
+    raise InvalidArgumentError(
         f"cannot tell the export format from {str(path)!r}: use .pt2 (torch.export), "
         ".ts (TorchScript) or .onnx, or pass format=..."
     )
@@ -206,7 +208,21 @@ def export(
 
     Raises:
         ExportError: the exporter failed, or ONNX support is not installed.
+        InvalidStateError: ``model`` is not a module, or the arguments are out of order.
+        InvalidArgumentError: the format is unknown or cannot be told from the suffix.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidStateError(
+            f"export takes the nn.Module to export first, got a {type(model).__name__}; call "
+            "torchkeep.export(model, example_inputs, path)"
+        )
+    if not isinstance(path, (str, os.PathLike)):
+        swapped = isinstance(example_inputs, (str, os.PathLike))
+        raise InvalidStateError(
+            f"export takes the artifact's path third, got a {type(path).__name__}"
+            + ("; the inputs and the path are swapped" if swapped else "")
+            + ": call torchkeep.export(model, example_inputs, path)"
+        )
     target = Path(os.fspath(path))
     kind = _format_of(target, format)
     module = unwrap(model)

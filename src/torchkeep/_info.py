@@ -24,6 +24,10 @@ class CheckpointInfo:
         modules: for whole-model pickles, the module tree of ``entry`` with class names and
             parameter counts, read without importing the classes.
         stubbed: classes the file names that were not imported (inert stand-ins were used).
+        alternatives: other tensor dicts that could hold weights (``model_ema`` beside
+            ``model``), best first; ``entry=`` chooses one of them.
+        values: non-tensor state values stored beside ``entry``'s tensors (quantized packed
+            parameters, ``_extra_state``), as short text.
     """
 
     path: str
@@ -36,6 +40,8 @@ class CheckpointInfo:
     extras: dict[str, str] = field(default_factory=dict)
     modules: tuple[ModuleEntry, ...] = ()
     stubbed: tuple[str, ...] = ()
+    alternatives: tuple[str, ...] = ()
+    values: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_params(self) -> int:

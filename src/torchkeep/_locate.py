@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from torchkeep._download import download, expected_prefix
-from torchkeep.errors import ChecksumError
+from torchkeep.errors import ChecksumError, InvalidArgumentError
 from torchkeep.storage.remote import (
     HTTP_SCHEMES,
     RemoteFolder,
@@ -54,7 +54,10 @@ def _check(path: Path, where: str, expected: str | None) -> None:
     if expected is None:
         return
     if not path.is_file():
-        raise ValueError(f"sha256= checks a single file, but {where!r} is a folder")
+        raise InvalidArgumentError(
+            f"sha256= checks a single file, but {where!r} is a folder; drop sha256=, or "
+            "pass verify=True to check the stored checksums"
+        )
     actual = sha256_of(path)
     if not actual.startswith(expected):
         raise ChecksumError(
@@ -140,5 +143,8 @@ def writable(path: str | os.PathLike[str]) -> Iterator[Path]:
             yield local
         return
     if scheme(where) in HTTP_SCHEMES:
-        raise ValueError(f"cannot save to {where!r}: HTTP URLs are read-only")
+        raise InvalidArgumentError(
+            f"cannot save to {where!r}: HTTP URLs are read-only; save to a local path or an "
+            "fsspec URL (s3://, gs://, ...)"
+        )
     yield Path(local_path(where))

@@ -24,7 +24,10 @@ def number(name: str, value: object) -> float | int:
     if isinstance(value, torch.Tensor | np.ndarray | np.generic) and size == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"metric {name!r} must be a number, got {type(value).__name__}")
+        raise InvalidStateError(
+            f"metric {name!r} must be a number (an int, a float or a one-element tensor), got "
+            f"a {type(value).__name__}; put other values in metadata="
+        )
     return value
 
 

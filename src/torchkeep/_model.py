@@ -27,13 +27,15 @@ from typing import Any, TypeVar
 import torch
 
 from torchkeep import _json
+from torchkeep._assign import check_floating
 from torchkeep._contain import member
+from torchkeep._device import check_device
 from torchkeep._stubs import find_stubs, is_module_like
 from torchkeep._unpickle import safe_torch_load
-from torchkeep.api import PathLike, load, save, unwrap
+from torchkeep.api import PathLike, load, save, state_of, unwrap
 from torchkeep.errors import (
     CorruptFileError,
-    DeviceError,
+    InvalidArgumentError,
     InvalidStateError,
     ModelRebuildError,
     TorchkeepWarning,
@@ -62,6 +64,13 @@ ModuleType = TypeVar("ModuleType", bound=type[torch.nn.Module])
 # --------------------------------------------------------------------------- constructor args
 
 
+def _describe(obj: object) -> str:
+    """``the class Foo`` or ``a function``, for messages about what was passed."""
+    if isinstance(obj, type):
+        return f"the class {obj.__qualname__}"
+    return f"a {type(obj).__name__}"
+
+
 def record_init(cls: ModuleType) -> ModuleType:
     """Class decorator: remember the arguments each instance was constructed with.
 
@@ -75,7 +84,10 @@ def record_init(cls: ModuleType) -> ModuleType:
         >>> torchkeep.save_model(Net(width=128), "net.safetensors")
     """
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
-        raise TypeError("@record_init decorates nn.Module subclasses")
+        raise InvalidStateError(
+            f"@record_init decorates nn.Module subclasses, not {_describe(cls)}; put it on "
+            "the line above 'class YourModel(nn.Module):'"
+        )
     original = cls.__init__
     signature = _pyinspect.signature(original)
 
@@ -121,25 +133,140 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def _init_of(model: torch.nn.Module, init: Mapping[str, Any] | None) -> dict[str, Any]:
+_FROM_ATTRIBUTES = "the model's attributes named like the constructor's parameters"
+_HOW_TO_RECORD = (
+    "pass the constructor's arguments with save_model(model, path, init={...}), or decorate "
+    "the class with @torchkeep.record_init so they are recorded when the model is built"
+)
+
+
+def _init_of(model: torch.nn.Module, init: Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """The constructor arguments to record, and where they came from (for messages).
+
+    Without ``init=`` or :func:`record_init`, an argument is taken from the attribute of the
+    same name when the constructor stored it there (``self.width = width``) and it differs
+    from the default; :func:`_checked_init` then tells whether that was enough.
+    """
     if init is not None:
-        return dict(init)
+        return dict(init), "init="
     recorded = getattr(model, _INIT_ATTR, None)
     if isinstance(recorded, dict):
-        return recorded
+        return recorded, "@record_init"
     parameters = list(_pyinspect.signature(type(model).__init__).parameters.values())[1:]
+    attributes = vars(model)
+    found: dict[str, Any] = {}
+    for p in parameters:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name == "training":
+            continue
+        if p.name not in attributes:
+            continue
+        value = attributes[p.name]
+        try:
+            _encode(value, p.name)
+        except InvalidStateError:
+            continue  # not a plain value, so not what the constructor was given
+        if p.default is p.empty or not _same(value, p.default):
+            found[p.name] = value
     required = [
         p.name
         for p in parameters
-        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        if p.default is p.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and p.name not in found
     ]
     if required:
         raise InvalidStateError(
-            f"{type(model).__qualname__}.__init__ needs {', '.join(required)}; pass them with "
-            f"save_model(model, path, init={{...}}), or decorate the class with "
-            "@torchkeep.record_init so they are recorded when the model is built"
+            f"{type(model).__qualname__}.__init__ needs {', '.join(required)}, which the model "
+            f"does not keep as attributes of the same names; {_HOW_TO_RECORD}"
         )
-    return {}
+    return found, _FROM_ATTRIBUTES
+
+
+def _same(value: Any, default: Any) -> bool:
+    try:
+        return type(value) is type(default) and bool(value == default)
+    except Exception:  # a default whose == is not a plain comparison
+        return False
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in state_of(model).items()}
+
+
+def _layer_types(model: torch.nn.Module) -> dict[str, type]:
+    """Each submodule's class by name; compiled submodules and their insides are left out."""
+    return {
+        name: type(module)
+        for name, module in model.named_modules()
+        if "_orig_mod" not in name.split(".") and not hasattr(module, "_orig_mod")
+    }
+
+
+def _rebuild_problems(module: torch.nn.Module, init: dict[str, Any]) -> list[str]:
+    """How ``type(module)(**init)`` differs from ``module``: empty when it rebuilds it.
+
+    The class is built with the arguments as ``load_model`` will see them (after the JSON
+    round trip) on the meta device, which allocates nothing; a constructor that cannot run
+    there is built on the CPU, as ``load_model`` would (the global RNG state is put back, so
+    saving does not change a training run's random numbers). State-dict names and shapes and
+    the layer classes are compared.
+    """
+    cls = type(module)
+    spec = _decode(json.loads(json.dumps(_encode(init, "init"))))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            try:
+                with torch.device("meta"):
+                    rebuilt = cls(**spec)
+            except Exception:  # a constructor that needs real data
+                rebuilt = cls(**spec)
+    except Exception as exc:  # the user's constructor: anything it raises is the answer
+        return [f"building it raised {type(exc).__name__}: {exc}"]
+    own, new = _shapes(module), _shapes(rebuilt)
+    problems = [f"{n} is missing" for n in own if n not in new]
+    problems += [f"{n} is extra" for n in new if n not in own]
+    problems += [
+        f"{n} is {list(new[n])}, not {list(shape)}"
+        for n, shape in own.items()
+        if n in new and new[n] != shape
+    ]
+    own_types, new_types = _layer_types(module), _layer_types(rebuilt)
+    problems += [
+        f"layer {n or '(the root)'} is a {new_types[n].__name__}, not a {kind.__name__}"
+        for n, kind in own_types.items()
+        if n in new_types and new_types[n] is not kind
+    ]
+    return problems
+
+
+def _checked_init(module: torch.nn.Module, init: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The constructor arguments to record, verified to rebuild ``module`` (see save_model)."""
+    cls = type(module)
+    arguments, source = _init_of(module, init)
+    problems = _rebuild_problems(module, arguments)
+    # Attributes that share a parameter's name need not hold what it was given.
+    if problems and arguments and source == _FROM_ATTRIBUTES and not _rebuild_problems(module, {}):
+        warnings.warn(
+            f"save_model: {cls.__qualname__}'s attributes {sorted(arguments)} do not rebuild "
+            "the model as constructor arguments, but the default arguments do; recording "
+            f"init={{}}. If the model was built with other arguments, {_HOW_TO_RECORD}.",
+            TorchkeepWarning,
+            stacklevel=3,
+        )
+        return {}
+    if problems:
+        listed = "; ".join(problems[:6])
+        if len(problems) > 6:
+            listed += f"; and {len(problems) - 6} more"
+        call = f"{cls.__qualname__}(**{arguments!r})" if arguments else f"{cls.__qualname__}()"
+        raise InvalidStateError(
+            f"refusing to save {cls.__qualname__} with save_model: {call} (arguments from "
+            f"{source}) does not rebuild this model ({listed}), so load_model would fail on "
+            f"the file. To fix it, {_HOW_TO_RECORD}. If layers were replaced after the model "
+            "was built, no constructor call rebuilds it: save the weights with "
+            "torchkeep.save(model, path) and build the model in code."
+        )
+    return arguments
 
 
 # ------------------------------------------------------------------------------- save_model
@@ -158,18 +285,44 @@ def save_model(
     No pickle: the file is safetensors (or a sharded safetensors folder) whose metadata holds
     ``torchkeep.model`` = ``{"class": "package.module:Class", "init": {...}}``.
 
+    The constructor arguments come from ``init=``, else from :func:`record_init`, else from
+    the model's attributes named like the constructor's parameters (``self.width = width``)
+    where they differ from the defaults. Before anything is written, the class is built with
+    those arguments on the meta device (nothing is allocated) and must give the same
+    state-dict names and shapes and the same layer classes as ``model``; otherwise nothing is
+    written and :class:`~torchkeep.errors.InvalidStateError` says to pass ``init=`` — a file
+    that ``load_model`` cannot rebuild is never written. (When attributes were guessed wrong
+    but the default arguments rebuild the model, the defaults are recorded with a
+    :class:`~torchkeep.TorchkeepWarning`.) Arguments that change no layer or shape, such as a
+    dropout rate, cannot be checked this way: pass them with ``init=`` or use
+    :func:`record_init`.
+
     Args:
         model: the module (wrappers are removed).
         path: a ``.safetensors`` file, or a folder when ``max_shard_size`` is given.
         init: keyword arguments for the class's constructor. Optional when the class is
-            decorated with :func:`record_init` or its constructor needs no arguments.
+            decorated with :func:`record_init`, its constructor needs no arguments, or it
+            keeps them as attributes of the same names.
         metadata: extra strings stored alongside.
         max_shard_size: shard the weights into a folder.
 
     Raises:
         InvalidStateError: the class cannot be imported by name (defined inside a function),
-            or the init arguments are not JSON-friendly or missing.
+            the init arguments are not JSON-friendly or missing, or the class built with them
+            does not rebuild ``model`` (names, shapes or layer classes differ).
+
+    Example:
+        >>> torchkeep.save_model(Net(width=128), "net.safetensors", init={"width": 128})
     """
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidStateError(
+            f"save_model saves an nn.Module and how to rebuild it, got a {type(model).__name__}"
+            + (
+                "; save a state dict with torchkeep.save(state_dict, path)"
+                if isinstance(model, Mapping)
+                else ""
+            )
+        )
     module = unwrap(model)
     cls = type(module)
     if "<locals>" in cls.__qualname__:
@@ -179,10 +332,13 @@ def save_model(
         )
     target = Path(path)
     if max_shard_size is None and target.suffix != ".safetensors":
-        raise ValueError(f"save_model writes .safetensors files; got {str(target)!r}")
+        raise InvalidArgumentError(
+            f"save_model writes .safetensors files, got {str(target)!r}; name the file "
+            "'<name>.safetensors', or pass max_shard_size= to write a sharded folder"
+        )
     record = {
         "class": f"{cls.__module__}:{cls.__qualname__}",
-        "init": _encode(_init_of(module, init), "init"),
+        "init": _encode(_checked_init(module, init), "init"),
         "version": _FORMAT_VERSION,
         "torch": torch.__version__,
     }
@@ -342,20 +498,24 @@ def _pickled_model(path: Path, trust: bool, allow_globals: Iterable[str]) -> tor
             "torchkeep.load(model, path), or pass cls=YourModel to load_model"
         )
     chosen = candidates[0]
-    missing = find_stubs(chosen)
+    # Every object is looked at: a wrapper of torch.nn's own (DataParallel) may hold a user
+    # class deep inside.
+    missing = find_stubs(chosen, limit=1 << 62)
     if missing:
         raise UnsafeFileError(
             f"{str(path)!r} is a pickled model whose classes are not torch.nn's own: "
             f"{', '.join(missing)}. Nothing was imported or executed. If you trust the file "
             "and these classes are importable, pass trust=True (or allow_globals=[...] with "
-            "those names); otherwise take the weights with torchkeep.load_state_dict(path) "
-            "and build the model in code.",
+            "those names); otherwise pass the class to build, load_model(path, "
+            "cls=YourModel), or take the weights with torchkeep.load_state_dict(path): "
+            "neither runs anything from the file.",
             path=str(path),
             globals=tuple(missing),
         )
     if not isinstance(chosen, torch.nn.Module):
         raise ModelRebuildError(f"{str(path)!r}: the model object is not an nn.Module")
-    return chosen
+    # torch.save(nn.DataParallel(model)) pickles the wrapper: hand back the model itself.
+    return unwrap(chosen)
 
 
 def load_model(
@@ -396,10 +556,23 @@ def load_model(
             record names a module that is not imported, or the file is a TorchScript or
             torch.export archive.
     """
+    if isinstance(path, torch.nn.Module):
+        raise InvalidStateError(
+            "load_model takes a path and builds the model from it, got a "
+            f"{type(path).__name__}; to load weights into a model you have, call "
+            "torchkeep.load(model, path), or torchkeep.load_for_inference(model)"
+        )
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidStateError(
+            f"load_model takes a path to a file or folder, got a {type(path).__name__}"
+        )
+    if cls is not None and not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise InvalidStateError(
+            f"cls= takes an nn.Module subclass to build, got {_describe(cls)}; pass the class "
+            "itself (cls=Net), not an instance or a function"
+        )
     where = Path(os.fspath(path))
-    target = str(device) if device is not None else "cpu"
-    if torch.device(target).type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"cannot load {str(where)!r} onto {target}: CUDA is not available")
+    target = str(check_device(device, f"load {str(where)!r}"))
     resolved, fmt = detect(where)
     model: torch.nn.Module
     if fmt in (TORCHSCRIPT, TORCH_EXPORT) and cls is None:
@@ -459,6 +632,7 @@ def warn_if_training(model: torch.nn.Module, doing: str) -> None:
 
 def load_for_inference(
     model_or_path: torch.nn.Module | PathLike,
+    path: PathLike | None = None,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -467,23 +641,64 @@ def load_for_inference(
 ) -> torch.nn.Module:
     """A model ready for inference: loaded, moved, ``eval()``, gradients off.
 
+    Three forms: ``load_for_inference(path)`` rebuilds the model with :func:`load_model`;
+    ``load_for_inference(model, path)`` loads the file's weights into your model with
+    :func:`torchkeep.load` (strictly: every name and shape must match); and
+    ``load_for_inference(model)`` prepares a model you already loaded.
+
     Args:
         model_or_path: a module, or anything :func:`load_model` accepts.
+        path: with a module first, the file whose weights to load into it.
         device: where to run (``"cuda"``, ``"cpu"``, ...).
         dtype: cast floating-point weights (for example ``torch.float16``).
         cls: passed to :func:`load_model` for plain weight files.
-        trust: passed to :func:`load_model`.
+        trust: passed to :func:`load_model` or :func:`torchkeep.load`.
 
     Returns:
         The module, with every parameter's ``requires_grad`` False.
+
+    Raises:
+        KeyMismatchError: with a module and a path, the file's names or shapes do not match
+            the module (nothing was loaded).
+
+    Example:
+        >>> model = torchkeep.load_for_inference(Net(), "checkpoint.pt")
     """
+    if device is not None:
+        check_device(device, "move the model")
+    if dtype is not None:
+        check_floating(dtype, "load_for_inference")
+    if path is not None and not isinstance(model_or_path, torch.nn.Module):
+        swapped = isinstance(path, torch.nn.Module)
+        raise InvalidStateError(
+            "arguments are swapped: call load_for_inference(model, path)"
+            if swapped
+            else "load_for_inference(model, path) takes the model to load into first, got a "
+            f"{type(model_or_path).__name__}; to rebuild the model from a file, call "
+            "load_for_inference(path)"
+        )
+    if path is not None and cls is not None:
+        raise InvalidArgumentError(
+            "cls= says which class to build from a file, but a model was given to load "
+            "into; drop cls=, or call load_for_inference(path, cls=YourModel)"
+        )
     if isinstance(model_or_path, torch.nn.Module):
         model = model_or_path
-    else:
+        if path is not None:
+            load(model, path, device=device, dtype=dtype, trust=trust)
+    elif isinstance(model_or_path, (str, os.PathLike)):
         model = load_model(model_or_path, cls=cls, trust=trust)
+    else:
+        raise InvalidStateError(
+            "load_for_inference takes an nn.Module or a path, got a "
+            f"{type(model_or_path).__name__}"
+            + (
+                "; a state dict needs a model: build it, then torchkeep.load(model, path)"
+                if isinstance(model_or_path, Mapping)
+                else ""
+            )
+        )
     if device is not None:
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise DeviceError(f"cannot run on {device}: CUDA is not available here")
         model = model.to(device)
     if dtype is not None:
         model = model.to(dtype)

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from torchkeep._pickle_vm import Refusal
-from torchkeep._stubs import StubObject
+from torchkeep._stubs import StubObject, derived_stub, stub_class
+from torchkeep._tensors import (
+    QUANTIZED_DTYPES,
+    SPARSE_LAYOUTS,
+    nested_from_buffer,
+    sparse_from_parts,
+    stand_in,
+)
 
 if TYPE_CHECKING:
     from torchkeep._pickle_rules import SafeRules
@@ -90,7 +97,8 @@ def args_(args: tuple[Any, ...], low: int, high: int, what: str) -> None:
 
 
 def no_hooks(hooks: Any) -> None:
-    if not isinstance(hooks, dict) or hooks:
+    # torch 0.4 wrote None where later versions write an empty OrderedDict.
+    if hooks is not None and (not isinstance(hooks, dict) or hooks):
         raise Refusal("a tensor carries backward hooks (callables)")
 
 
@@ -124,7 +132,15 @@ def storage_(rules: SafeRules, value: Any) -> torch.storage.TypedStorage:
     return value  # type: ignore[no-any-return]
 
 
-def check_view(storage: torch.storage.TypedStorage, offset: Any, size: Any, stride: Any) -> None:
+def check_view(
+    storage: torch.storage.TypedStorage,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    available: int | None = None,
+) -> None:
+    """Refuse a view that reaches past its storage (``available`` elements; default: the
+    storage's own count)."""
     offset = int_(offset, "a tensor's storage offset")
     size = ints_(size, "a tensor's size")
     stride = ints_(stride, "a tensor's stride")
@@ -133,7 +149,8 @@ def check_view(storage: torch.storage.TypedStorage, offset: Any, size: Any, stri
     if math.prod(size) == 0:
         return
     last = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True))
-    available = int(storage._size())  # type: ignore[no-untyped-call]
+    if available is None:
+        available = int(storage._size())  # type: ignore[no-untyped-call]
     if last >= available:
         raise Refusal(
             f"a tensor view reaches element {last} of a storage of {available} elements",
@@ -165,6 +182,37 @@ def rebuild_tensor_v2(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tensor:
     )
 
 
+def rebuild_tensor_v3(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tensor:
+    """A tensor of a dtype without a typed storage class (float8, float4, uint16, ...): its
+    storage is bytes, its view counted in elements of ``dtype``."""
+    args_(args, 7, 8, "rebuild_tensor_v3")
+    storage = storage_(rules, args[0])
+    dtype = args[6]
+    if not isinstance(dtype, torch.dtype) or dtype in QUANTIZED_DTYPES or dtype.itemsize < 1:
+        raise Refusal(f"a tensor's dtype is {dtype!r}")
+    available = storage.nbytes() // dtype.itemsize  # type: ignore[no-untyped-call]
+    check_view(storage, args[1], args[2], args[3], available)
+    if type(args[4]) is not bool:
+        raise Refusal("requires_grad is not a boolean")
+    no_hooks(args[5])
+    metadata = args[7] if len(args) == 8 else None
+    if metadata is not None and (
+        not isinstance(metadata, dict)
+        or not all(type(k) is str and type(v) is bool for k, v in metadata.items())
+    ):
+        raise Refusal("a tensor's metadata is not a dict of flags")
+    return torch._utils._rebuild_tensor_v3(  # type: ignore[no-untyped-call,no-any-return]
+        storage,
+        args[1],
+        tuple(args[2]),
+        tuple(args[3]),
+        args[4],
+        collections.OrderedDict(),
+        dtype,
+        metadata,
+    )
+
+
 def rebuild_tensor(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tensor:
     args_(args, 4, 4, "rebuild_tensor")
     storage = storage_(rules, args[0])
@@ -174,10 +222,19 @@ def rebuild_tensor(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tensor:
     )
 
 
+PACKED = {
+    getattr(torch, name): count
+    for name, count in (("quint4x2", 2), ("quint2x4", 4))
+    if hasattr(torch, name)
+}
+
+
 def rebuild_qtensor(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tensor:
     args_(args, 7, 7, "rebuild_qtensor")
     storage = storage_(rules, args[0])
-    check_view(storage, args[1], args[2], args[3])
+    # quint4x2 and quint2x4 pack two and four values into each byte of their storage.
+    packed = PACKED.get(storage.dtype, 1)
+    check_view(storage, args[1], args[2], args[3], int(storage._size()) * packed)  # type: ignore[no-untyped-call]
     params = args[4]
     if not isinstance(params, tuple) or not params:
         raise Refusal("quantizer parameters are not a tuple")
@@ -201,6 +258,10 @@ def rebuild_qtensor(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tensor:
     if type(args[5]) is not bool:
         raise Refusal("requires_grad is not a boolean")
     no_hooks(args[6])
+    if storage._untyped_storage.device.type == "meta":
+        # Quantizers have no meta kernels; read without data, the dtype and shape are all.
+        size = tuple(args[2])
+        return stand_in(size, storage.dtype, math.prod(size) * storage.dtype.itemsize)
     return torch._utils._rebuild_qtensor(  # type: ignore[no-untyped-call,no-any-return]
         storage,
         args[1],
@@ -242,6 +303,8 @@ def rebuild_from_type_v2(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tenso
     args_(args, 4, 4, "rebuild_from_type_v2")
     func, new_type, inner, state = args
     checker = rules.checker(func)
+    if checker is jagged_refused:
+        jagged_refused(rules, inner)
     if checker is None or not isinstance(inner, tuple):
         raise Refusal("rebuilds a tensor subclass through a function torchkeep does not check")
     if new_type not in (torch.Tensor, torch.nn.Parameter):
@@ -255,6 +318,60 @@ def rebuild_from_type_v2(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tenso
     return result  # type: ignore[no-any-return]
 
 
+def _built(build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    try:
+        return build()
+    except ValueError as exc:
+        raise Refusal(str(exc), corrupt=True) from exc
+
+
+def rebuild_sparse_tensor(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tensor:
+    """A sparse tensor, its invariants checked as it is built (see ``sparse_from_parts``)."""
+    args_(args, 2, 2, "rebuild_sparse_tensor")
+    layout, data = args
+    if layout not in SPARSE_LAYOUTS or not isinstance(data, tuple):
+        raise Refusal(f"a sparse tensor has layout {layout!r}")
+    if layout == torch.sparse_coo:
+        args_(data, 3, 4, "a sparse COO tensor")
+        coalesced = data[3] if len(data) == 4 else None
+        return _built(lambda: sparse_from_parts(layout, data[:2], tuple(data[2]), coalesced))
+    args_(data, 4, 4, "a sparse compressed tensor")
+    return _built(lambda: sparse_from_parts(layout, data[:3], tuple(data[3])))
+
+
+def rebuild_nested_tensor(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tensor:
+    """A nested tensor (strided layout), every view checked to lie inside its buffer."""
+    args_(args, 4, 4, "rebuild_nested_tensor")
+    return _built(lambda: nested_from_buffer(*args))
+
+
+def jagged_refused(rules: SafeRules, args: tuple[Any, ...]) -> Any:
+    raise Refusal(
+        "holds a nested tensor with the jagged layout, which torchkeep reads only with "
+        "trust=True (torch.load(weights_only=True) refuses it too unless torch._dynamo is "
+        "imported). Checkpoint folders (torchkeep.save_checkpoint) store jagged tensors without "
+        "pickle; for .pt files convert it first: torch.nested.nested_tensor(list(t.unbind()))",
+        plain=True,
+    )
+
+
+def jagged_table() -> dict[str, tuple[Any, Checker | None]]:
+    """The names a jagged nested tensor's pickle uses, each refused with ``jagged_refused``.
+
+    Listed so the refusal says what the file holds instead of naming torch._dynamo's range
+    class as dangerous; the range objects it builds first are inert stand-ins.
+    """
+    module = "torch.nested._internal.nested_tensor"
+    return {
+        f"{module}._rebuild_njt": (f"{module}._rebuild_njt", jagged_refused),
+        f"{module}.NestedTensor": (f"{module}.NestedTensor", None),
+        "torch._dynamo.decorators._DimRange": (
+            stub_class("torch._dynamo.decorators._DimRange"),
+            None,
+        ),
+    }
+
+
 def no_data(rules: SafeRules, args: tuple[Any, ...]) -> Any:
     raise Refusal(
         "holds a tensor without data (a meta tensor), which cannot be loaded as weights",
@@ -264,8 +381,8 @@ def no_data(rules: SafeRules, args: tuple[Any, ...]) -> Any:
 
 def unsupported_tensor(rules: SafeRules, args: tuple[Any, ...]) -> Any:
     raise Refusal(
-        "holds a sparse, nested, wrapper-subclass or device-specific tensor, which torchkeep "
-        "reads only with trust=True"
+        "holds a wrapper-subclass, MKL-DNN or device-specific tensor, which torchkeep reads "
+        "only with trust=True"
     )
 
 
@@ -388,6 +505,8 @@ def reconstructor(rules: SafeRules, args: tuple[Any, ...]) -> Any:
         return obj
     if cls in (argparse.Namespace, types.SimpleNamespace) and base is object and state is None:
         return cls.__new__(cls)  # type: ignore[call-overload]
+    if cls is torch.torch_version.TorchVersion and base is str:
+        return torch_version(rules, (state,))  # protocols 0 and 1
     raise Refusal(f"copyreg._reconstructor builds {cls!r}")
 
 
@@ -482,6 +601,30 @@ def restore_type_tag(rules: SafeRules, args: tuple[Any, ...]) -> Any:
     if type(args[1]) is not str:
         raise Refusal("a type tag is not text")
     return args[0]
+
+
+def torch_version(rules: SafeRules, args: tuple[Any, ...]) -> Any:
+    """``torch.__version__`` as pickled: a ``str`` subclass built from its text, nothing else."""
+    args_(args, 1, 1, "TorchVersion")
+    if type(args[0]) is not str or len(args[0]) > 256:
+        raise Refusal("a TorchVersion is built from something other than a short text")
+    return torch.torch_version.TorchVersion(args[0])
+
+
+def subscript(rules: SafeRules, args: tuple[Any, ...]) -> Any:
+    """``operator.getitem`` as typing aliases pickle (``Union[int, str]``), on stand-ins only.
+
+    Nothing is subscripted: a stand-in for a class (``typing.Union``, a config class) gives
+    another stand-in that holds the subscript as data, as calling a stand-in does.
+    """
+    args_(args, 2, 2, "operator.getitem")
+    base = args[0]
+    stand_in = isinstance(base, StubObject) or (
+        isinstance(base, type) and issubclass(base, StubObject)
+    )
+    if not stand_in:
+        raise Refusal(f"operator.getitem is applied to a {type(base).__name__}")
+    return derived_stub(base.stub_qualname, "[]")(args[1])
 
 
 # numpy

@@ -18,9 +18,11 @@ import contextlib
 import copyreg
 import datetime
 import importlib
+import operator
 import pathlib
 import sys
 import types
+import typing
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
@@ -46,6 +48,7 @@ from torchkeep._pickle_checks import (
     encode,
     frozenset_,
     get_layout,
+    jagged_table,
     list_of,
     namespace,
     no_data,
@@ -57,23 +60,29 @@ from torchkeep._pickle_checks import (
     path_,
     plain_state,
     rebuild_from_type_v2,
+    rebuild_nested_tensor,
     rebuild_parameter,
     rebuild_parameter_with_state,
     rebuild_qtensor,
+    rebuild_sparse_tensor,
     rebuild_tensor,
     rebuild_tensor_v2,
+    rebuild_tensor_v3,
     reconstructor,
     restore_type_tag,
     set_,
     size_,
     slice_or_range,
+    subscript,
     tensor_,
     timedelta_value,
     timezone_value,
+    torch_version,
     unsupported_tensor,
 )
 from torchkeep._pickle_vm import Refusal
-from torchkeep._stubs import StubObject, stub_class
+from torchkeep._stubs import StubObject, derived_stub, stub_class
+from torchkeep.errors import ModelRebuildError
 
 Verdict = Literal["safe", "unknown", "dangerous"]
 
@@ -138,6 +147,13 @@ def _table() -> dict[str, tuple[Any, Checker | None]]:
         "datetime.time": (datetime.time, datetime_value(datetime.time)),
         "datetime.timedelta": (datetime.timedelta, timedelta_value),
         "datetime.timezone": (datetime.timezone, timezone_value),
+        # Plain data in hyper-parameters: a type annotation, torch.__version__.
+        "typing.Any": (typing.Any, None),
+        "torch.torch_version.TorchVersion": (torch.torch_version.TorchVersion, torch_version),
+        # Type aliases pickle as operator.getitem(typing.Union, (int, str)); only ever applied
+        # to stand-ins, never really called.
+        "_operator.getitem": (operator.getitem, subscript),
+        "operator.getitem": (operator.getitem, subscript),
         "torch.Size": (torch.Size, size_),
         "torch.device": (torch.device, device_),
         "torch.Tensor": (torch.Tensor, None),
@@ -161,16 +177,17 @@ def _table() -> dict[str, tuple[Any, Checker | None]]:
     for name in ("_rebuild_meta_tensor_no_storage",):
         table[f"torch._utils.{name}"] = (getattr(u, name), no_data)
     for name in (
-        "_rebuild_sparse_tensor",
-        "_rebuild_nested_tensor",
         "_rebuild_device_tensor_from_numpy",
         "_rebuild_device_tensor_from_cpu_tensor",
         "_rebuild_wrapper_subclass",
-        "_rebuild_tensor_v3",
         "_rebuild_mkldnn_tensor",
     ):
         if hasattr(u, name):
             table[f"torch._utils.{name}"] = (getattr(u, name), unsupported_tensor)
+    table["torch._utils._rebuild_tensor_v3"] = (u._rebuild_tensor_v3, rebuild_tensor_v3)
+    table["torch._utils._rebuild_sparse_tensor"] = (u._rebuild_sparse_tensor, rebuild_sparse_tensor)
+    table["torch._utils._rebuild_nested_tensor"] = (u._rebuild_nested_tensor, rebuild_nested_tensor)
+    table.update(jagged_table())
     for kind in (pathlib.PurePosixPath, pathlib.PureWindowsPath):
         for module in ("pathlib", "pathlib._local"):
             table[f"{module}.{kind.__name__}"] = (kind, path_(kind))
@@ -201,6 +218,8 @@ def _table() -> dict[str, tuple[Any, Checker | None]]:
                 continue
             table[f"torch.{name}"] = (StorageKind(dtype), None)
     table["torch.UntypedStorage"] = (StorageKind(torch.uint8), None)
+    # Dtypes without a typed storage class (float8, uint16, ...) are pickled on this one.
+    table["torch.storage.UntypedStorage"] = table["torch.UntypedStorage"]
     table.update(_numpy_table())
     table.update(_STAND_INS)
     return table
@@ -312,7 +331,10 @@ def classify(qualname: str) -> Verdict:
     if is_torch_nn_global(full, resolve=False):
         return "unknown"
     parts = full.split(".")
-    if any(p.startswith("__") and p.endswith("__") and p != "__torch__" for p in parts):
+    # A class defined in the script that saved the file lives in __main__; the module name
+    # is not an attribute, but any dunder after it is.
+    first = 1 if parts[0] in ("__main__", "__torch__") else 0
+    if any(p.startswith("__") and p.endswith("__") for p in parts[first:]):
         return "dangerous"
     if full.startswith("__torch__.") and not set(parts[1:]) & DANGEROUS_NAMES:
         return "unknown"  # TorchScript's own classes
@@ -389,9 +411,22 @@ def import_global(qualname: str) -> Any:
         except ImportError:
             continue
         for attr in [*parts[cut:], name]:
-            obj = getattr(obj, attr)
+            found = getattr(obj, attr, _ABSENT)
+            if found is _ABSENT:
+                raise ModelRebuildError(
+                    f"allow_globals= allows {qualname!r}, which the file uses, but "
+                    f"{'.'.join(parts[:cut])} has no {attr!r} here; install the version of "
+                    "it that defines that name"
+                )
+            obj = found
         return obj
-    raise ImportError(f"cannot import {qualname!r}")
+    raise ModelRebuildError(
+        f"allow_globals= allows {qualname!r}, which the file uses, but no module of that name "
+        "can be imported here; install the package that defines it"
+    )
+
+
+_ABSENT = object()
 
 
 # -- the rules the machine runs under --------------------------------------------------------
@@ -454,7 +489,7 @@ class SafeRules:
         if isinstance(func, type) and issubclass(func, StubObject):
             return func(*args)
         if isinstance(func, StubObject):
-            return stub_class(func.stub_qualname + "()")(*args)
+            return derived_stub(func.stub_qualname, "()")(*args)
         check = self.checker(func)
         if check is not None:
             return check(self, args)
@@ -478,6 +513,8 @@ class SafeRules:
             return cls.__new__(cls, *args, **kwargs)
         if kwargs:
             raise Refusal(f"constructs {_name(cls)} with keyword arguments", plain=True)
+        if cls is torch.torch_version.TorchVersion:
+            return torch_version(self, args)
         if cls is torch.nn.Parameter:
             args_(args, 1, 2, "Parameter")
             if len(args) == 2 and type(args[1]) is not bool:

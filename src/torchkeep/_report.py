@@ -40,6 +40,15 @@ class LoadReport:
         renamed: (name in file, name in model) pairs that differ.
         cast: (name, dtype in file, dtype in model) for tensors converted on load.
         skipped: names left out on purpose by include/exclude.
+        tied: (model name, loaded name) pairs: names the file lacks that share their tensor
+            with a loaded name (tied weights), so they hold the file's values.
+        prefixes: (prefix removed from the file's names, prefix removed from the model's
+            names) that made the names agree, ``("", "")`` when none was needed.
+        modules: submodules (``""``: the whole model) loaded through their own
+            ``load_state_dict`` machinery (load hooks, custom ``_load_from_state_dict``).
+        alternatives: other tensor dicts of the file that could hold weights (``model_ema``
+            beside ``model``); pass ``entry=`` to load one of them.
+        notes: what else a reader of the report should know (ambiguous prefixes, ...).
     """
 
     path: str
@@ -52,6 +61,11 @@ class LoadReport:
     renamed: tuple[tuple[str, str], ...] = ()
     cast: tuple[tuple[str, str, str], ...] = ()
     skipped: tuple[str, ...] = ()
+    tied: tuple[tuple[str, str], ...] = ()
+    prefixes: tuple[str, str] = ("", "")
+    modules: tuple[str, ...] = ()
+    alternatives: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -68,11 +82,20 @@ class LoadReport:
             ("renamed", self.renamed),
             ("cast", self.cast),
             ("skipped", self.skipped),
+            ("tied", self.tied),
         ):
             if items:
                 parts.append(f"{len(items)} {label}")
         where = f" (entry {self.entry!r})" if self.entry else ""
-        return f"{self.path} [{self.format}]{where}: " + ", ".join(parts)
+        line = f"{self.path} [{self.format}]{where}: " + ", ".join(parts)
+        removed, added = self.prefixes
+        if removed:
+            line += f"; file prefix {removed!r} removed"
+        if added:
+            line += f"; prefix {added!r} added to the file's names"
+        if self.alternatives:
+            line += "; the file also holds " + ", ".join(repr(a) for a in self.alternatives)
+        return line
 
     def table(self, *, problems_only: bool = False) -> str:
         """A readable multi-line table of every non-trivial outcome."""
@@ -90,9 +113,13 @@ class LoadReport:
                 rows.append(("renamed", dst, f"from {src}"))
             for name, src_dtype, dst_dtype in self.cast:
                 rows.append(("cast", name, f"{src_dtype} -> {dst_dtype}"))
-        lines = [self.summary()]
+            for name, source in self.tied:
+                rows.append(("tied", name, f"shares its tensor with {source}"))
+            for module in self.modules:
+                rows.append(("module", module or "(model)", "loaded by its own load_state_dict"))
+        lines = [self.summary(), *(f"  note: {note}" for note in self.notes)]
         if not rows:
-            return lines[0]
+            return "\n".join(lines)
         width = max(len(r[1]) for r in rows[: _MAX_ROWS * 5])
         width = min(width, 60)
         by_kind: dict[str, list[tuple[str, str, str]]] = {}

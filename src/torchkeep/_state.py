@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from torchkeep._keys import plan_keys, strip_compile_segments
+from torchkeep._stubs import find_stubs, is_module_like, module_state_dict
 from torchkeep.api import unwrap
-from torchkeep.errors import InvalidStateError, KeyMismatchError
+from torchkeep.errors import CorruptFileError, InvalidStateError, KeyMismatchError
 
 
 def _is_stateful(value: object) -> bool:
@@ -140,10 +141,42 @@ def _module_plan(
     return mapped
 
 
+def weights_of(saved: Any) -> Any:
+    """A pickled module object (``{"model": Net()}``) as its state dict; anything else as is.
+
+    Without trust the module is an inert stub, whose tensors are read from its pickled state
+    under the names ``state_dict()`` would give.
+    """
+    if isinstance(saved, torch.nn.Module):
+        return unwrap(saved).state_dict()
+    if is_module_like(saved):
+        return module_state_dict(saved)
+    return saved
+
+
+def _refuse_stubs(name: str, target: object, saved: Any) -> None:
+    stubs = find_stubs(saved, limit=1 << 62)
+    if stubs:
+        shown = ", ".join(stubs[:5]) + (f" and {len(stubs) - 5} more" if len(stubs) > 5 else "")
+        raise InvalidStateError(
+            f"checkpoint entry {name!r} holds objects of classes that were not imported "
+            f"({shown}); they were read as inert stand-ins, which cannot be loaded into the "
+            f"{type(target).__name__} passed as {name}=. If you trust the file, pass "
+            "trust=True so that the real classes are used."
+        )
+
+
 def check(name: str, target: object, saved: Any, strict: bool) -> Any:
-    """Validate ``saved`` against ``target`` before anything is restored; return what to load."""
+    """Validate ``saved`` against ``target`` before anything is restored; return what to load.
+
+    A module target also takes a pickled module (see :func:`weights_of`). Values holding
+    stand-ins for classes that were not imported are refused for every target.
+    """
     if isinstance(target, torch.nn.Module):
+        saved = weights_of(saved)
+        _refuse_stubs(name, target, saved)
         return _module_plan(name, target, saved, strict)
+    _refuse_stubs(name, target, saved)
     if isinstance(target, torch.Tensor) and (
         not isinstance(saved, torch.Tensor) or saved.shape != target.shape
     ):
@@ -208,6 +241,79 @@ def shaped_like(template: object, value: Any) -> Any:
                 object.__setattr__(made, f.name, fields[f.name])
         return made
     return value
+
+
+# ---------------------------------------------------------------- namespaces in .pt files
+
+# A .pt checkpoint holds only what torch.load(weights_only=True) reads, so a Namespace is
+# stored as the dict of its fields and its place in the state is recorded beside it; reading
+# the checkpoint turns those dicts back into Namespaces, as the native format does.
+
+
+def namespace_paths(value: Any, path: tuple[Any, ...] = ()) -> list[list[Any]]:
+    """Where ``value`` holds ``argparse.Namespace`` objects: a list of key/index paths.
+
+    The walk follows :func:`torchkeep._tree.to_torch_plain` (dict keys, list and tuple
+    positions, Namespace and dataclass fields), outer Namespaces before inner ones.
+    """
+    found: list[list[Any]] = []
+    fields: Mapping[Any, Any] | None = None
+    if isinstance(value, argparse.Namespace):
+        found.append(list(path))
+        fields = vars(value)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    elif isinstance(value, Mapping):
+        fields = value
+    elif isinstance(value, (list, tuple)):
+        fields = dict(enumerate(value))
+    for key, item in (fields or {}).items():
+        found.extend(namespace_paths(item, (*path, key)))
+    return found
+
+
+def revive_namespaces(value: Any, paths: Any, where: str) -> Any:
+    """``value`` with the dicts at ``paths`` (from :func:`namespace_paths`) as Namespaces.
+
+    Raises:
+        CorruptFileError: a path that does not lead to a dict of string keys.
+    """
+    if not paths:
+        return value
+    if not isinstance(paths, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in paths):
+        raise CorruptFileError(f"{where!r} has a damaged record of its namespaces")
+    # Inner ones first, so an outer Namespace is built around finished values.
+    for path in sorted(paths, key=len, reverse=True):
+        value = _revive(value, list(path), where)
+    return value
+
+
+def _revive(value: Any, path: list[Any], where: str) -> Any:
+    if not path:
+        if not isinstance(value, Mapping) or not all(type(k) is str for k in value):
+            raise CorruptFileError(
+                f"{where!r} records a namespace at a {type(value).__name__}, not a dict of fields"
+            )
+        return argparse.Namespace(**value)
+    key, rest = path[0], path[1:]
+    if isinstance(value, argparse.Namespace) and type(key) is str and hasattr(value, key):
+        setattr(value, key, _revive(getattr(value, key), rest, where))
+        return value
+    if isinstance(value, dict) and _has_key(value, key):
+        value[key] = _revive(value[key], rest, where)
+        return value
+    if isinstance(value, (list, tuple)) and type(key) is int and 0 <= key < len(value):
+        items = list(value)
+        items[key] = _revive(items[key], rest, where)
+        return items if isinstance(value, list) else tuple(items)
+    raise CorruptFileError(f"{where!r} records a namespace at a path its state does not have")
+
+
+def _has_key(mapping: Mapping[Any, Any], key: Any) -> bool:
+    try:
+        return key in mapping
+    except TypeError:  # an unhashable key read from a damaged record
+        return False
 
 
 # ----------------------------------------------------------------------------------- RNG
@@ -288,8 +394,11 @@ __all__ = [
     "check",
     "kind_of",
     "module_state",
+    "namespace_paths",
     "restore",
     "restore_rng",
+    "revive_namespaces",
     "shaped_like",
     "type_name",
+    "weights_of",
 ]

@@ -10,6 +10,7 @@ from there under the names ``model.state_dict()`` would give.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -72,6 +73,15 @@ def stub_class(qualname: str) -> type[StubObject]:
             name, (StubObject,), {"__module__": STUB_MODULE, "stub_qualname": qualname}
         )
     return _STUB_CLASSES[qualname]
+
+
+def derived_stub(qualname: str, suffix: str) -> type[StubObject]:
+    """The stub class for what calling (``"()"``) or subscripting (``"[]"``) a stub gives.
+
+    One suffix at most, so a pickle that calls a result again and again does not make
+    ever longer names.
+    """
+    return stub_class(re.split(r"[(\[]", qualname, maxsplit=1)[0] + suffix)
 
 
 def class_name(obj: Any) -> str:
@@ -224,6 +234,9 @@ def find_stubs(obj: Any, limit: int = 10_000) -> list[str]:
         if isinstance(item, StubObject):
             found[item.stub_qualname] = None
             stack.extend(item.__dict__.values())
+        elif isinstance(item, torch.nn.Module):
+            # A real wrapper (DataParallel, Sequential) may hold stubs among its children.
+            stack.extend(vars(item).values())
         elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())

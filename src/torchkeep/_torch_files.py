@@ -46,7 +46,7 @@ class Target:
     restore: Restore
     meta: bool = False
     mmap: bool = False
-    # Storages stay on the CPU (map_location "cpu"): a legacy file can be read in one pass.
+    # Storages stay on the CPU (map_location "cpu").
     cpu: bool = False
 
     @classmethod
@@ -465,11 +465,11 @@ def read_legacy(path: str, *, rules: SafeRules, target: Target) -> Any:
 
     The layout is four pickles (magic number, protocol, system info, the object) then a pickled
     list of storage keys and each storage's element count and bytes, in that order. The object
-    pickle runs once, on storages allocated on the CPU (or meta); the storage keys that follow
-    must name every one of them, with matching element counts (an unfilled storage would be
-    uninitialised memory), and only then are they filled from the data section. For other
-    ``map_location`` targets the pickle runs a second time with storages filled and restored
-    as they are made.
+    pickle runs once on meta storages; the storage keys that follow must name every one of
+    them, with matching element counts (an unfilled storage would be uninitialised memory).
+    Unless the target is meta, the pickle then runs a second time with storages filled and
+    restored as they are made, so that what checks values as it is built (sparse indices,
+    nested offsets) sees the file's data.
     """
     with open(path, "rb") as f:
         try:
@@ -492,10 +492,9 @@ def _read_legacy(path: str, buf: Any, rules: SafeRules, target: Target) -> Any:
     if header.refused:
         raise UnsafeFileError(f"refusing {path!r}: its header pickles reference globals", path=path)
     object_start = pos
-    # On meta or the CPU the survey is the whole read; otherwise its storages stay apart.
-    single = target.meta or target.cpu
-    survey_rules = rules if single else SafeRules(rules.extra, torch_nn=rules.torch_nn)
-    survey = _LegacyStorages(path, survey_rules, None, "cpu" if target.cpu else "meta")
+    # On meta the survey is the whole read; otherwise its storages stay apart.
+    survey_rules = rules if target.meta else SafeRules(rules.extra, torch_nn=rules.torch_nn)
+    survey = _LegacyStorages(path, survey_rules, None, "meta")
     value, pos = run_pickle(buf, pos, rules=survey.rules, label=path, persistent_load=survey)
     keys, pos = run_pickle(buf, pos, rules=header, label=path)
     if not isinstance(keys, list) or not all(type(k) is str for k in keys):
@@ -529,13 +528,6 @@ def _read_legacy(path: str, buf: Any, rules: SafeRules, target: Target) -> Any:
         if nbytes:
             view = torch.empty(0, dtype=torch.uint8).set_(into)
             view.numpy()[:] = memoryview(buf)[offsets[key] : offsets[key] + nbytes]
-
-    if target.cpu:
-        for key in keys:
-            root = survey.roots[key]
-            assert root.storage is not None  # every root key was seen by the pickle
-            copy(key, root.storage._untyped_storage)
-        return value
 
     def fill(key: str, root: _Root) -> torch.UntypedStorage:
         data = torch.empty(root.numel * element_size(root.dtype), dtype=torch.uint8)

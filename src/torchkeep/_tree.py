@@ -8,6 +8,14 @@ non-finite floats, numpy scalars. Tensors and numpy arrays become ``{"__tk__": "
 "name": ...}`` references to a flat ``{name: tensor}`` mapping, named after their path in the
 state (``optimizer.state.0.exp_avg``); tensors that are exact aliases are stored once.
 
+Tensors safetensors cannot hold as they are are stored as the plain tensors they are made of,
+under a node that says how to put them back together: sparse tensors as their indices and
+values (``"sparse"``), quantized ones as their stored bytes and quantizer (``"quantized"``),
+nested ones as their buffer with its sizes, strides and offsets (``"nested"``) or their values
+and offsets (``"jagged"``), and dtypes safetensors has no name for (complex128, complex32,
+bits, 0-d float4) as their bytes (``"raw"``). Reading them back checks every part (indices in
+range, views inside their buffer) before torch is given them.
+
 :class:`Unflattener` turns a node back into the value, validating every node it reads so a
 damaged structure is reported with its path instead of surfacing as a ``KeyError`` later.
 """
@@ -20,13 +28,20 @@ import dataclasses
 import math
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
-from torchkeep._tensors import NAME_FROM_DTYPE
-from torchkeep.errors import CorruptFileError, TorchkeepError, UnsupportedValueError
+from torchkeep import _tensors
+from torchkeep._tensors import FLOAT4, NAME_FROM_DTYPE, check_saveable, is_nested, is_plain
+from torchkeep.errors import (
+    CorruptFileError,
+    TorchkeepError,
+    UnsupportedTensorError,
+    UnsupportedValueError,
+)
 
 TAG = "__tk__"
 _MAX_DEPTH = 200
@@ -62,16 +77,30 @@ def _unsupported(value: object, path: str, why: str = "") -> UnsupportedValueErr
 
 
 def tensor_problem(tensor: torch.Tensor) -> str:
-    """Why a tensor cannot go into a safetensors shard, or ``""`` when it can."""
-    if tensor.layout != torch.strided:
-        return f"a {tensor.layout} tensor; convert it with .to_dense()"
-    if tensor.is_quantized:
-        return "a quantized tensor; convert it with .dequantize()"
+    """Why a tensor cannot go into a checkpoint, or ``""`` when it can."""
     if tensor.device.type == "meta":
         return "a meta tensor, which has no data"
-    if tensor.dtype not in NAME_FROM_DTYPE:
-        return f"dtype {tensor.dtype} has no safetensors code; convert it with .to(...)"
     return ""
+
+
+def _as_is(tensor: torch.Tensor) -> bool:
+    """Whether a safetensors shard holds ``tensor`` as it is (else it is stored in parts)."""
+    return (
+        is_plain(tensor)
+        and tensor.dtype in NAME_FROM_DTYPE
+        and not (tensor.dtype == FLOAT4 and tensor.dim() == 0)
+    )
+
+
+_QSCHEMES = {
+    str(q).removeprefix("torch."): q for q in vars(torch).values() if isinstance(q, torch.qscheme)
+}
+_LAYOUTS = {str(layout).removeprefix("torch."): layout for layout in _tensors.SPARSE_LAYOUTS}
+# The parts of a sparse tensor in a checkpoint node, by whether it is COO.
+_SPARSE_KEYS = {
+    True: ("indices", "values"),
+    False: ("compressed_indices", "plain_indices", "values"),
+}
 
 
 class Flattener:
@@ -89,6 +118,8 @@ class Flattener:
         self._allow_pickle = allow_pickle
         self._alias: dict[tuple[object, ...], str] = {}
         self._active: set[int] = set()
+        # Tensors stored in parts, by id (the tensor is kept so its id stays unique).
+        self._composites: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
 
     def encode(self, value: object, path: str, depth: int = 0) -> Any:
         """The JSON node for ``value``, found at ``path`` in the state."""
@@ -192,12 +223,17 @@ class Flattener:
         node = self._tensor(tensor, path, "ndarray")
         if node.get(TAG) == "ndarray":
             node["dtype"] = array.dtype.str
+        elif node.get(TAG) == "raw":  # complex128: its bytes, read back as an array
+            node["ndarray"] = array.dtype.str
         return node
 
     def _tensor(self, tensor: torch.Tensor, path: str, tag: str) -> Any:
         problem = tensor_problem(tensor)
         if problem:
             return self._pickle(tensor, path, problem)
+        if not _as_is(tensor):
+            return self._composite(tensor, path)
+        requires_grad = tensor.requires_grad
         tensor = tensor.detach()
         key: tuple[object, ...] | None = None
         if tensor.numel():
@@ -221,8 +257,77 @@ class Flattener:
             if key is not None:
                 self._alias[key] = name
         node: dict[str, Any] = {TAG: tag, "name": name}
-        if tensor.requires_grad:
+        if requires_grad:
             node["requires_grad"] = True
+        return node
+
+    def _composite(self, tensor: torch.Tensor, path: str) -> Any:
+        """A tensor stored as the plain tensors it is made of (see the module's docstring)."""
+        if id(tensor) in self._composites:
+            return self._composites[id(tensor)][1]
+        original, tensor = tensor, tensor.detach()
+
+        def part(value: torch.Tensor, key: str) -> Any:
+            return self._tensor(value, join(path, key), "tensor")
+
+        node: dict[str, Any]
+        if tensor.layout == torch.jagged:
+            values, offsets, lengths = _tensors.jagged_parts(tensor)
+            node = {
+                TAG: "jagged",
+                "values": part(values, "values"),
+                "offsets": part(offsets, "offsets"),
+                "lengths": None if lengths is None else part(lengths, "lengths"),
+                "ragged_idx": int(tensor._ragged_idx),  # type: ignore[attr-defined]
+            }
+        elif is_nested(tensor):
+            node = {
+                TAG: "nested",
+                "buffer": part(tensor.values(), "buffer"),
+                "sizes": part(tensor._nested_tensor_size(), "sizes"),  # type: ignore[attr-defined]
+                "strides": part(tensor._nested_tensor_strides(), "strides"),  # type: ignore[attr-defined]
+                "offsets": part(tensor._nested_tensor_storage_offsets(), "offsets"),  # type: ignore[attr-defined]
+            }
+        elif tensor.layout != torch.strided:
+            keys = _SPARSE_KEYS[tensor.layout == torch.sparse_coo]
+            node = {
+                TAG: "sparse",
+                "layout": str(tensor.layout).removeprefix("torch."),
+                "size": list(tensor.shape),
+                **{k: part(p, k) for k, p in zip(keys, _tensors.sparse_parts(tensor), strict=True)},
+            }
+            if tensor.layout == torch.sparse_coo:
+                node["coalesced"] = bool(tensor.is_coalesced())
+        elif tensor.is_quantized:
+            try:
+                data = _tensors.quantized_bytes(tensor)
+            except UnsupportedTensorError as exc:
+                return self._pickle(original, path, str(exc))
+            facts = _tensors.quantized_state(tensor)
+            node = {
+                TAG: "quantized",
+                "dtype": _tensors.dtype_name(tensor.dtype),
+                "shape": facts["shape"],
+                "qscheme": str(facts["qscheme"]).removeprefix("torch."),
+                "data": part(data, "data"),
+            }
+            if "axis" in facts:
+                node["scales"] = part(facts["scale"], "scales")  # type: ignore[arg-type]
+                node["zero_points"] = part(facts["zero_point"], "zero_points")  # type: ignore[arg-type]
+                node["axis"] = facts["axis"]
+            else:
+                node["scale"] = self.encode(facts["scale"], path)
+                node["zero_point"] = facts["zero_point"]
+        else:
+            node = {
+                TAG: "raw",
+                "dtype": _tensors.dtype_name(tensor.dtype),
+                "shape": list(tensor.shape),
+                "data": part(_tensors.raw_bytes(tensor), "bytes"),
+            }
+        if original.requires_grad:
+            node["requires_grad"] = True
+        self._composites[id(original)] = (original, node)
         return node
 
     def _pickle(self, value: object, path: str, why: str) -> Any:
@@ -291,6 +396,8 @@ class Unflattener:
             if node.get("requires_grad"):
                 tensor = tensor.detach().requires_grad_(True)
             return tensor
+        if tag in ("sparse", "quantized", "nested", "jagged", "raw"):
+            return self._composite(tag, node, path)
         if tag == "tuple":
             return tuple(self._items(node, path))
         if tag == "set":
@@ -330,6 +437,65 @@ class Unflattener:
             return self._objects()[int(node["index"])]
         raise self._corrupt(path, f"unknown tag {tag!r} (written by a newer torchkeep?)")
 
+    def _composite(self, tag: str, node: dict[str, Any], path: str) -> torch.Tensor:
+        """A tensor stored in parts, each part checked before torch sees it."""
+
+        def part(key: str) -> Any:
+            return self.decode(node[key], join(path, key))
+
+        def dtype(value: object) -> torch.dtype:
+            found = getattr(torch, str(value), None)
+            if not isinstance(found, torch.dtype):
+                raise self._corrupt(path, f"unknown dtype {value!r}")
+            return found
+
+        build: Callable[[], torch.Tensor]
+        if tag == "sparse":
+            layout = _LAYOUTS.get(str(node["layout"]))
+            keys = _SPARSE_KEYS[layout == torch.sparse_coo]
+            parts = [part(k) for k in keys]
+            build = partial(
+                _tensors.sparse_from_parts, layout, parts, node["size"], node.get("coalesced")
+            )
+        elif tag == "quantized":
+            facts: dict[str, object] = {
+                "dtype": dtype(node["dtype"]),
+                "shape": node["shape"],
+                "qscheme": _QSCHEMES.get(str(node["qscheme"])),
+            }
+            if "axis" in node:
+                facts.update(
+                    scale=part("scales"), zero_point=part("zero_points"), axis=node["axis"]
+                )
+            else:
+                facts.update(scale=part("scale"), zero_point=node["zero_point"])
+            build = partial(_tensors.quantized_from_bytes, part("data"), facts)
+        elif tag == "nested":
+            keys = ("buffer", "sizes", "strides", "offsets")
+            build = partial(_tensors.nested_from_buffer, *[part(k) for k in keys])
+        elif tag == "jagged":
+            lengths = None if node.get("lengths") is None else part("lengths")
+            build = partial(
+                _tensors.jagged_from_parts,
+                part("values"),
+                part("offsets"),
+                lengths,
+                node["ragged_idx"],
+            )
+        else:
+            build = partial(
+                _tensors.raw_from_bytes, part("data"), dtype(node["dtype"]), node["shape"]
+            )
+        try:
+            tensor = build()
+        except CorruptFileError as exc:
+            raise self._corrupt(path, str(exc)) from exc
+        if tag == "raw" and "ndarray" in node:
+            return tensor.numpy().astype(np.dtype(node["ndarray"]), copy=False)  # type: ignore[return-value]
+        if node.get("requires_grad"):
+            tensor = tensor.detach().requires_grad_(True)
+        return tensor
+
     def _fields(self, node: dict[str, Any], path: str) -> dict[str, Any]:
         fields = self.decode(node["fields"], path)
         if not isinstance(fields, dict):
@@ -366,7 +532,13 @@ def to_torch_plain(value: Any, path: str, *, allow_pickle: bool = False) -> Any:
 
     Raises:
         UnsupportedValueError: a value that needs pickle, unless ``allow_pickle``.
+        UnsupportedTensorError: a tensor torch files cannot hold (a jagged nested tensor,
+            which torchkeep's reader and ``torch.load(weights_only=True)`` refuse, or a dtype
+            ``torch.save`` cannot write), unless ``allow_pickle``.
+        InvalidStateError: a meta tensor (no data), unless ``allow_pickle``.
     """
+    if isinstance(value, torch.Tensor) and not allow_pickle:
+        check_saveable(path, value, "torch")
     if type(value) not in (bool, int, float, str):
         for plain in (bool, int, float, str):
             if isinstance(value, plain):

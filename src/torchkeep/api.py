@@ -6,54 +6,59 @@ import dataclasses
 import inspect as _pyinspect
 import os
 import re
+import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, overload
 
 import torch
+from torch.nn.parameter import is_lazy
 
-from torchkeep._assign import assign_into, cast_floating
+from torchkeep._assign import (
+    assign_into,
+    cast_floating,
+    check_floating,
+    retie,
+    warn_meta_left,
+)
+from torchkeep._device import check_device, check_devices
+from torchkeep._entries import Choice, choose
 from torchkeep._info import CheckpointInfo
-from torchkeep._keys import Patterns, RenameRules, plan_keys, strip_compile_segments
+from torchkeep._keys import (
+    KeyPlan,
+    Patterns,
+    RenameRules,
+    matches_any,
+    pattern_list,
+    plan_keys,
+    strip_compile_segments,
+)
+from torchkeep._loading import Loader, Outcome, warn_conflicts
 from torchkeep._locate import needs_staging, readable, writable
 from torchkeep._module_info import ModuleInfo, inspect_module
-from torchkeep._report import LoadReport, ShapeMismatch
+from torchkeep._report import LoadReport
 from torchkeep._tensors import (
     check_saveable,
-    dtype_name,
     find_aliases,
+    is_plain,
+    stored_shape,
+    tensor_info,
     to_cpu_contiguous,
 )
 from torchkeep.errors import (
-    CorruptFileError,
     DeviceError,
+    InvalidArgumentError,
     InvalidStateError,
     KeyMismatchError,
+    TorchkeepWarning,
 )
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
-from torchkeep.formats.registry import SAFETENSORS, SHARDED, for_writing, open_source
+from torchkeep.formats.registry import for_writing, open_source
 from torchkeep.storage.local import atomic_dir, atomic_file
 
 PathLike = str | os.PathLike[str]
 Device = str | torch.device | Mapping[str, str] | None
-
-# Where checkpoint dicts commonly keep model weights, most likely first.
-PREFERRED_ENTRIES = (
-    "state_dict",
-    "model_state_dict",
-    "model",
-    "module",
-    "net",
-    "network",
-    "model_state",
-    "weights",
-    "params",
-    "ema",
-    "model_ema",
-    "state_dict_ema",
-    "ema_state_dict",
-)
-
 
 # --------------------------------------------------------------------------------------- save
 
@@ -121,14 +126,23 @@ def state_of(obj: object) -> dict[str, torch.Tensor]:
 
 
 def parse_size(size: int | str) -> int:
-    """``"500MB"``, ``"2GB"``, ``"1GiB"`` or a byte count -> bytes."""
+    """``"500MB"``, ``"2GB"``, ``"1GiB"`` or a byte count -> bytes.
+
+    Raises:
+        InvalidArgumentError: not a positive byte count or a size such as ``"2GB"``.
+    """
+    if isinstance(size, bool) or not isinstance(size, int | str):
+        raise InvalidArgumentError(
+            f"a size is a byte count or text such as '500MB' or '2GB', got a "
+            f"{type(size).__name__} {size!r}"
+        )
     if isinstance(size, int):
         if size <= 0:
-            raise ValueError(f"shard size must be positive, got {size}")
+            raise InvalidArgumentError(f"shard size must be positive, got {size}")
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b)?\s*", size.lower())
     if not match:
-        raise ValueError(f"cannot read size {size!r}; write it like '500MB' or '2GB'")
+        raise InvalidArgumentError(f"cannot read size {size!r}; write it like '500MB' or '2GB'")
     number, unit = float(match.group(1)), match.group(2) or "b"
     base = 1024 if "i" in unit else 1000
     power = "bkmgt".index(unit[0]) if unit[0] != "b" else 0
@@ -136,6 +150,8 @@ def parse_size(size: int | str) -> int:
 
 
 def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    if not is_plain(tensor):
+        return tensor  # sparse, quantized, nested: torch.save writes their parts as they are
     # A view keeps its whole storage alive; torch.save would write all of it.
     if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
         return tensor.clone()
@@ -184,6 +200,9 @@ def save(
     Example:
         >>> torchkeep.save(model, "model.safetensors")
     """
+    if isinstance(obj, str | os.PathLike) and isinstance(path, torch.nn.Module | Mapping):
+        raise InvalidStateError("arguments are swapped: call torchkeep.save(model, path)")
+    _path_text(path, "save")
     if needs_staging(path):
         with writable(path) as local:
             save(obj, local, format=format, metadata=metadata, max_shard_size=max_shard_size)
@@ -193,12 +212,7 @@ def save(
     fmt = for_writing(target, format, sharded=shard_bytes is not None)
     state = state_of(obj)
     for name, tensor in state.items():
-        if (
-            fmt.name in (SAFETENSORS.name, SHARDED.name)
-            or tensor.layout != torch.strided
-            or tensor.device.type == "meta"
-        ):
-            check_saveable(name, tensor)
+        check_saveable(name, tensor, fmt.name)
     aliases = find_aliases(state)
     tensors = {
         name: _compact(to_cpu_contiguous(t)) for name, t in state.items() if name not in aliases
@@ -215,6 +229,21 @@ def save(
 
 
 # --------------------------------------------------------------------------------------- load
+
+
+def _path_text(path: object, verb: str) -> str:
+    """``path`` as text, or a typed error when it is not a path (swapped arguments)."""
+    if isinstance(path, torch.nn.Module):
+        raise InvalidStateError(
+            f"got a model where a path belongs: {verb}() takes the path first here"
+            if verb != "load"
+            else "got a model where a path belongs: call torchkeep.load(model, path)"
+        )
+    if not isinstance(path, str | os.PathLike):
+        raise InvalidStateError(
+            f"{verb}() takes a path (str or os.PathLike), got a {type(path).__name__}"
+        )
+    return os.fspath(path)
 
 
 def _map_location(device: Device, path: str) -> Any:
@@ -256,10 +285,9 @@ def _open(
     allow_globals: Iterable[str],
     mmap: bool = False,
 ) -> Source:
-    where = os.fspath(path)
+    where = _path_text(path, "load")
+    check_devices(device, f"load {where!r}")
     plain = _plain_device(device)
-    if torch.device(plain).type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"cannot load {where!r} onto {plain}: CUDA is not available here")
     options = OpenOptions(
         map_location=_map_location(device, where) if device not in (None, "cpu") else "cpu",
         device=plain,
@@ -270,31 +298,25 @@ def _open(
     return open_source(Path(where), options)
 
 
-def _no_tensors(source: Source) -> CorruptFileError:
-    what = ", ".join(sorted(source.extras)) or "nothing"
-    return CorruptFileError(
-        f"{source.path!r} ({source.format}) holds no tensors to load; its top level holds: {what}"
+def _pure_root(source: Source) -> bool:
+    return "" in source.entries() and not source.extras
+
+
+def choose_entry(
+    source: Source,
+    entry: str | None = None,
+    *,
+    match: Any = None,
+) -> Choice:
+    """The tensor dict of ``source`` holding the weights (see :mod:`torchkeep._entries`)."""
+    return choose(
+        source.entries(), pure_root=_pure_root(source), where=source.path, entry=entry, match=match
     )
 
 
 def default_entry(source: Source, entry: str | None = None) -> str:
     """The entry holding the weights when there is no model to match against."""
-    entries = source.entries()
-    if entry is not None:
-        if entry not in entries:
-            raise KeyError(
-                f"{source.path!r} has no tensor dict {entry!r}; it has: "
-                + ", ".join(repr(e) for e in entries)
-            )
-        return entry
-    if not entries:
-        raise _no_tensors(source)
-    if "" in entries:
-        return ""
-    for name in PREFERRED_ENTRIES:
-        if name in entries:
-            return name
-    return max(entries, key=lambda e: len(entries[e]))
+    return choose_entry(source, entry).entry
 
 
 def load_state_dict(
@@ -308,12 +330,18 @@ def load_state_dict(
     dtype: torch.dtype | None = None,
     sha256: str | None = None,
     check_hash: bool = False,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Any]:
     """Read the weights in any supported file as a flat ``{name: tensor}`` dict.
 
     The format is detected from the bytes. For checkpoint dicts the weights are taken from
-    the member that holds them (``state_dict``, ``model_state_dict``, ``model``, ...), or from
-    ``entry``. Names are returned as stored; :func:`load` fixes prefixes against a model.
+    the member that holds them, by one rule shared with :func:`load`, :func:`inspect` and
+    ``convert``: a named state dict (``state_dict``, ``model_state_dict``, ``model``, ...)
+    wins over root-level scalars (``loss``, ``best_acc1``), RNG and optimizer state; or from
+    ``entry``. Names are returned as stored (a pickled DataParallel/DDP/compiled model under
+    its inner model's names); :func:`load` fixes prefixes against a model. Non-tensor values
+    a module's own loading needs (quantized packed parameters, ``_extra_state``) and torch's
+    module versions (``_metadata``) are kept, so ``model.load_state_dict(result)`` behaves as
+    it does for ``torch.load``'s result.
 
     Args:
         path: file or folder.
@@ -335,6 +363,9 @@ def load_state_dict(
         CheckpointNotFoundError, CorruptFileError, UnknownFormatError, UnsafeFileError,
         DeviceError, ChecksumError, DownloadError: see :mod:`torchkeep.errors`.
     """
+    _path_text(path, "load_state_dict")
+    if dtype is not None:
+        check_floating(dtype, "load_state_dict")
     if needs_staging(path, sha256, check_hash):
         with readable(path, sha256=sha256, check_hash=check_hash) as local:
             return load_state_dict(
@@ -350,36 +381,133 @@ def load_state_dict(
         chosen = default_entry(source, entry)
         if verify:
             source.verify(chosen)
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, Any] = OrderedDict()
         aliases = source.aliases(chosen)
         for name in source.entries()[chosen]:
             target = aliases.get(name)
             out[name] = out[target] if target in out else source.get(chosen, name)
-        return out if dtype is None else cast_floating(out, dtype)
+        # What a module's own loading needs beside tensors (quantized packed parameters,
+        # _extra_state) and torch's module versions, so model.load_state_dict(...) of the
+        # result behaves as it does for torch.load's.
+        out.update(source.values(chosen))
+        versions = source.module_versions(chosen)
+        result = out if dtype is None else OrderedDict(cast_floating(out, dtype))
+        if versions is not None:
+            result._metadata = OrderedDict(versions)  # type: ignore[attr-defined]
+        return result
 
 
-def _choose_entry(
-    source: Source, dest: Mapping[str, torch.Tensor], entry: str | None, **rules: Any
-) -> str:
-    entries = source.entries()
-    if entry is not None or len(entries) <= 1:
-        return default_entry(source, entry)
-    scores: dict[str, int] = {}
-    for name, infos in entries.items():
-        plan = plan_keys(infos, dest, **rules)
-        scores[name] = sum(
-            infos[src].shape == tuple(dest[dst].shape) for dst, src in plan.pairs.items()
-        )
-    preference = {name: i for i, name in enumerate(PREFERRED_ENTRIES)}
-    return max(entries, key=lambda e: (scores[e], -preference.get(e, len(preference))))
-
-
-def _destination(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _shapes(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return {
-        name: value
-        for name, value in model.state_dict(keep_vars=True).items()
-        if isinstance(value, torch.Tensor)
+        name: stored_shape(value)
+        for name, value in state.items()
+        if isinstance(value, torch.Tensor) and not is_lazy(value)
     }
+
+
+def _plan(
+    source: Source,
+    entry: str,
+    state: Mapping[str, Any],
+    rules: Mapping[str, Any],
+) -> KeyPlan:
+    infos = source.entries()[entry]
+    names = [*infos, *source.values(entry)]
+    return plan_keys(
+        names,
+        list(state),
+        source_shapes={name: info.shape for name, info in infos.items()},
+        dest_shapes=_shapes(state),
+        **rules,
+    )
+
+
+def _choose_for_model(
+    source: Source, state: Mapping[str, Any], entry: str | None, rules: Mapping[str, Any]
+) -> Choice:
+    """The entry whose names and shapes match the most of the model; rank and convention
+    break ties (see :mod:`torchkeep._entries`)."""
+    if entry is not None or len(source.entries()) <= 1:
+        return choose_entry(source, entry)
+    dest_shapes = _shapes(state)
+
+    def match(infos: Mapping[str, Any]) -> int:
+        try:
+            plan = plan_keys(
+                infos,
+                list(state),
+                source_shapes={name: info.shape for name, info in infos.items()},
+                dest_shapes=dest_shapes,
+                **rules,
+            )
+        except (InvalidArgumentError, KeyMismatchError):
+            return 0
+        return sum(infos[src].shape == dest_shapes.get(dst) for dst, src in plan.pairs.items())
+
+    choice = choose_entry(source, match=match)
+    if rules.get("rename") is not None:
+        plain = dict(rules, rename=None)
+        without = _choose_for_model(source, state, None, plain)
+        if without.entry != choice.entry:
+            warnings.warn(
+                f"rename= changed which tensor dict of {source.path!r} is loaded: "
+                f"{choice.entry!r} instead of {without.entry!r}; pass entry= to choose",
+                TorchkeepWarning,
+                stacklevel=4,
+            )
+    return choice
+
+
+def _check_patterns(
+    plan: KeyPlan, state: Mapping[str, Any], include: Patterns, exclude: Patterns
+) -> None:
+    """An include= pattern that matches nothing is an error; an exclude= one a warning."""
+    names = [*state, *plan.translated.values(), *plan.translated]
+    examples = ", ".join(repr(n) for n in list(state)[:4])
+    for pattern in pattern_list(include):
+        if not any(matches_any(name, pattern) for name in names):
+            raise InvalidArgumentError(
+                f"include={pattern!r} matches no name in the model or the file, so nothing "
+                f"would load; the model's names look like {examples}"
+            )
+    for pattern in pattern_list(exclude):
+        if not any(matches_any(name, pattern) for name in names):
+            warnings.warn(
+                f"exclude={pattern!r} matches no name in the model or the file (names look "
+                f"like {examples}); nothing was excluded by it",
+                TorchkeepWarning,
+                stacklevel=4,
+            )
+
+
+def _report(
+    source: Source, choice: Choice, plan: KeyPlan, outcome: Outcome, loader: Loader
+) -> LoadReport:
+    notes = []
+    if plan.ambiguous:
+        notes.append(
+            "several prefixes would match the model's names equally well ("
+            + "; ".join(plan.ambiguous)
+            + "), so none was applied: pass rename= to choose"
+        )
+    notes += outcome.conflicts + outcome.errors
+    return LoadReport(
+        path=source.path,
+        format=source.format,
+        entry=choice.entry,
+        loaded=tuple(outcome.loaded),
+        missing=tuple(outcome.missing),
+        unexpected=tuple(outcome.unexpected),
+        mismatched=tuple(outcome.mismatched),
+        renamed=plan.renamed,
+        cast=tuple(outcome.cast),
+        skipped=tuple(outcome.skipped),
+        tied=tuple(outcome.tied),
+        prefixes=plan.prefixes,
+        modules=tuple(group.prefix.removesuffix(".") for group in loader.groups),
+        alternatives=choice.others,
+        notes=tuple(notes),
+    )
 
 
 def load(
@@ -400,12 +528,18 @@ def load(
     sha256: str | None = None,
     check_hash: bool = False,
 ) -> LoadReport:
-    """Load the weights in any supported file into ``model``, in place.
+    """Load the weights in any supported file into ``model``, in place, as torch would.
 
-    Names are matched against the model: ``module.`` (DataParallel/DDP), ``_orig_mod.``
-    (``torch.compile``) and ``model.`` (Lightning) prefixes are added or removed as needed,
-    and ``rename`` rules fix anything else. Each tensor is copied to where the model's
-    parameter lives, cast to its dtype.
+    Names are matched against the model: a prefix shared by the names on either side
+    (``module.`` from DataParallel/DDP, ``_orig_mod.`` from ``torch.compile``, a Lightning
+    module's ``model.``/``net.``, a task model's ``bert.``) is found, removed or added as
+    needed, and reported; ``rename`` rules fix anything else. Each tensor is copied to where
+    the model's parameter lives, cast to its dtype. Submodules that take part in loading
+    (load hooks such as ``weight_norm``'s, their own ``_load_from_state_dict`` such as
+    quantized modules', ``set_extra_state``) are loaded by their own ``load_state_dict``. Names
+    the file lacks whose tensor is tied to a loaded one (an LM head tied to the embeddings)
+    are reported as tied, not missing. In a checkpoint dict, the entry matching the model best
+    is used (``model`` before ``model_ema`` when both match; the report names the other).
 
     Args:
         model: the destination module (plain or wrapped).
@@ -416,10 +550,12 @@ def load(
         device: move the model here first (a map such as ``{"cuda:1": "cuda:0"}`` only
             changes where the file's tensors are read to).
         rename: ``{regex: replacement}`` rules (or a list of pairs, or a function) applied
-            to the file's names before matching.
+            to the file's names before matching, or ``"by_position"`` to pair the file's
+            tensors with the model's in order (refused unless counts and every shape agree).
         include: glob patterns (``"backbone.*"``, or a module name ``"backbone"``); only
-            matching names are loaded or checked.
-        exclude: glob patterns of names to leave out (a new head: ``"head"``).
+            matching names are loaded or checked. A pattern matching nothing is an error.
+        exclude: glob patterns of names to leave out (a new head: ``"head"``). A pattern
+            matching nothing warns.
         entry: which tensor dict of a checkpoint dict to use (found automatically otherwise).
         trust: unpickle without the allowlist. Only for files whose author you trust.
         allow_globals: extra ``"module.name"`` globals the allowlist accepts.
@@ -439,7 +575,13 @@ def load(
 
     Returns:
         A :class:`~torchkeep.LoadReport` of what was loaded, missing, unexpected, mismatched,
-        renamed and cast.
+        renamed, cast and tied, built from what was actually written.
+
+    Raises:
+        KeyMismatchError: a strict load found problems (nothing was loaded), or nothing at all
+            fits the model.
+        InvalidArgumentError: an ``include=`` pattern matches nothing; bad rename rules.
+        EntryNotFoundError: ``entry`` is not in the file.
 
     Example:
         >>> report = torchkeep.load(model, "checkpoint.pt", strict=False, exclude="fc")
@@ -474,47 +616,29 @@ def load(
     if isinstance(device, Mapping):
         read_device = device
     elif device is not None:
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise DeviceError(f"cannot move the model to {device}: CUDA is not available here")
+        check_device(device, "move the model")
         if assign:
             read_device = device
         else:
             model.to(device)
     if dtype is not None:
+        check_floating(dtype, "load")
         model.to(dtype)  # floating-point tensors only; works on meta models too
-    dest = _destination(model)
     rules: dict[str, Any] = {"rename": rename, "include": include, "exclude": exclude}
+    state = model.state_dict(keep_vars=True)
     with _open(
         path, device=read_device, trust=trust, allow_globals=allow_globals, mmap=True
     ) as source:
-        chosen = _choose_entry(source, dest, entry, **rules)
-        infos = source.entries()[chosen]
-        plan = plan_keys(infos, dest, **rules)
-        fits: list[tuple[str, str]] = []
-        mismatched: list[ShapeMismatch] = []
-        cast: list[tuple[str, str, str]] = []
-        for dst, src in plan.pairs.items():
-            info, target = infos[src], dest[dst]
-            if info.shape != tuple(target.shape):
-                mismatched.append(ShapeMismatch(dst, src, info.shape, tuple(target.shape)))
-                continue
-            fits.append((dst, src))
-            if info.dtype != dtype_name(target.dtype):
-                cast.append((dst, info.dtype, dtype_name(target.dtype)))
-        report = LoadReport(
-            path=source.path,
-            format=source.format,
-            entry=chosen,
-            loaded=tuple(dst for dst, _ in fits),
-            missing=plan.missing,
-            unexpected=plan.unexpected,
-            mismatched=tuple(mismatched),
-            renamed=plan.renamed,
-            cast=tuple(cast),
-            skipped=plan.skipped,
-        )
-        if strict and not report.ok:
-            refused = dataclasses.replace(report, loaded=())
+        choice = _choose_for_model(source, state, entry, rules)
+        chosen = choice.entry
+        plan = _plan(source, chosen, state, rules)
+        _check_patterns(plan, state, include, exclude)
+        loader = Loader(model, source, chosen, plan)
+        outcome = loader.check(trial=strict, assign=assign)
+        if strict and not outcome.ok:
+            refused = dataclasses.replace(
+                _report(source, choice, plan, outcome, loader), loaded=(), tied=()
+            )
             raise KeyMismatchError(
                 "strict load refused, nothing was loaded:\n"
                 + refused.table(problems_only=True)
@@ -522,13 +646,41 @@ def load(
                 "the model, or rename= to fix names.",
                 refused,
             )
+        warn_conflicts(outcome)
         if verify:
             source.verify(chosen)
-        if assign:
-            assign_into(model, source, chosen, fits, dest)
-            return report
+        tensors = loader.tensors
         with torch.no_grad():
-            source.read_into_many(chosen, [(src, dest[dst]) for dst, src in fits])
+            if assign:
+                outcome = loader.write(
+                    assign=True,
+                    read_many=lambda fits: assign_into(model, source, chosen, fits, tensors),
+                )
+                for name, via in outcome.tied:
+                    retie(model, name, via)
+                warn_meta_left(model)
+            else:
+                outcome = loader.write(
+                    assign=False,
+                    read_many=lambda fits: source.read_into_many(
+                        chosen, [(src, tensors[dst]) for dst, src in fits]
+                    ),
+                )
+        report = _report(source, choice, plan, outcome, loader)
+    if outcome.errors:
+        raise KeyMismatchError(
+            "loading failed inside a submodule's own load_state_dict (everything else was "
+            "loaded):\n" + report.table(problems_only=True),
+            report,
+        )
+    if not report.loaded and (report.missing or report.unexpected or report.mismatched):
+        raise KeyMismatchError(
+            "nothing in the file fits the model, so nothing was loaded:\n"
+            + report.table(problems_only=True)
+            + "\nCheck that this is the right file and model, or pass rename= to fix names "
+            "(rename='by_position' pairs tensors in order).",
+            report,
+        )
     return report
 
 
@@ -543,6 +695,20 @@ def _short(value: Any, limit: int = 100) -> str:
     else:
         text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe_value(value: Any) -> str:
+    """``(qint8 [16, 8], float32 [16])`` for tensors inside a state value, else its repr."""
+
+    def one(item: Any) -> str:
+        if isinstance(item, torch.Tensor):
+            info = tensor_info("", item)
+            return f"{info.dtype} [{', '.join(str(d) for d in info.shape)}]"
+        return _short(item, 40)
+
+    if isinstance(value, tuple | list):
+        return "(" + ", ".join(one(item) for item in value[:8]) + ")"
+    return one(value)
 
 
 def _disk_size(path: Path) -> int:
@@ -590,6 +756,7 @@ def inspect(
     """
     if isinstance(path, torch.nn.Module):
         return inspect_module(path)
+    _path_text(path, "inspect")
     if needs_staging(path):
         with readable(path, header_only=True) as local:
             info = inspect(local, entry=entry, trust=trust, allow_globals=allow_globals)
@@ -598,7 +765,8 @@ def inspect(
     options = OpenOptions(device="meta", trust=trust, allow_globals=tuple(allow_globals))
     with open_source(where, options) as source:
         entries = source.entries()
-        chosen = default_entry(source, entry) if entries else ""
+        choice = choose_entry(source, entry) if entries else Choice("", 0)
+        chosen = choice.entry
         tensors = tuple(entries.get(chosen, {}).values())
         return CheckpointInfo(
             path=source.path,
@@ -611,6 +779,8 @@ def inspect(
             extras={k: _short(v) for k, v in source.extras.items()},
             modules=tuple(source.module_trees.get(chosen, ())),
             stubbed=tuple(source.stubbed),
+            alternatives=choice.others,
+            values={k: _describe_value(v) for k, v in source.values(chosen).items()},
         )
 
 

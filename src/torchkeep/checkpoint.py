@@ -12,7 +12,6 @@ temporary name and renamed into place only when complete, so a folder without
 from __future__ import annotations
 
 import contextlib
-import errno as errno_codes
 import json
 import os
 import pickle
@@ -28,7 +27,9 @@ import xxhash
 
 from torchkeep import _json, _state
 from torchkeep._contain import check_name, member
+from torchkeep._device import check_device
 from torchkeep._manifest import check_format, manifest_header, now, number, plain_json
+from torchkeep._stubs import StubObject, find_stubs, is_module_like
 from torchkeep._tensors import DTYPE_FROM_NAME, dtype_name, to_cpu_contiguous, xxh3
 from torchkeep._torch_files import check_crcs
 from torchkeep._tree import (
@@ -45,6 +46,7 @@ from torchkeep.errors import (
     CheckpointWriteError,
     ChecksumError,
     CorruptFileError,
+    InvalidArgumentError,
     InvalidStateError,
     KeyMismatchError,
     TorchkeepError,
@@ -54,6 +56,7 @@ from torchkeep.formats._base import OpenOptions
 from torchkeep.formats.safetensors import SafetensorsSource
 from torchkeep.io.recycle import RecycleBin
 from torchkeep.io.shards import frozen_names, write_shards
+from torchkeep.io.write import write_all
 from torchkeep.storage.local import TEMP_MARKER, atomic_dir, atomic_file, temp_sibling
 
 PathLike = str | os.PathLike[str]
@@ -123,7 +126,10 @@ class StagingPool:
 
 def _check_name(name: str) -> None:
     if name.startswith("__"):
-        raise ValueError(f"state names starting with '__' are reserved, got {name!r}")
+        raise InvalidArgumentError(
+            f"state names starting with '__' are reserved, got {name!r}; save it under "
+            "another keyword"
+        )
 
 
 def _to_cpu(tensor: torch.Tensor) -> torch.Tensor:
@@ -179,19 +185,11 @@ def take_snapshot(
 # --------------------------------------------------------------------------------- write
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        written = os.write(fd, data)
-        if written <= 0:
-            raise OSError(errno_codes.EIO, "os.write wrote nothing")
-        data = data[written:]
-
-
 def _write_file(path: Path, chunks: list[memoryview]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         for chunk in chunks:
-            _write_all(fd, chunk)
+            write_all(fd, chunk)
     except OSError as exc:
         exc.filename = exc.filename or str(path)
         raise
@@ -310,9 +308,12 @@ def write_native(
     """
     target = Path(path)
     if target.exists() and not target.is_dir():
-        raise ValueError(f"{str(target)!r} is a file; a native checkpoint is a folder")
+        raise InvalidArgumentError(
+            f"{str(target)!r} is a file; a native checkpoint is a folder: choose a folder "
+            "path, or a .pt path for a single-file checkpoint"
+        )
     if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
-        raise ValueError(
+        raise InvalidArgumentError(
             f"folder {str(target)!r} exists and is not a torchkeep checkpoint; refusing to "
             "replace it: choose a new folder"
         )
@@ -549,7 +550,9 @@ def _decode_torch(
 ) -> tuple[dict[str, Any], Any]:
     if verify and zipfile.is_zipfile(path):
         check_crcs(str(path))
-    loaded = safe_torch_load(str(path), map_location="cpu", trust=trust)
+    # Unknown classes become inert stand-ins (anything that could run code is refused);
+    # _refuse_stand_ins then decides where the checkpoint may keep them.
+    loaded = safe_torch_load(str(path), map_location="cpu", trust=trust, stubs=True)
     if not isinstance(loaded, Mapping):
         raise InvalidStateError(
             f"{str(path)!r} holds a {type(loaded).__name__}, not a checkpoint dict; load "
@@ -557,17 +560,78 @@ def _decode_torch(
         )
     values = {str(k): v for k, v in loaded.items() if k != PT_META}
     meta = loaded.get(PT_META)
+    if isinstance(meta, Mapping):
+        values = _state.revive_namespaces(values, meta.get("namespaces"), str(path))
     for name, target in targets.items():
-        # The tutorials' names: {"model_state_dict": ..., "optimizer_state_dict": ...}.
-        others = [f"{name}_state_dict", f"{name}_state"]
-        if isinstance(target, torch.nn.Module):
-            others.append("state_dict")
-        if name not in values:
-            found = next((o for o in others if o in values), None)
-            if found is not None:
-                values[name] = values.pop(found)
+        found = _entry_for(name, target, values)
+        if found is not None and found != name:
+            values[name] = values.pop(found)
+    if not trust:
+        _refuse_stand_ins(values, targets, path)
     rng_state = meta.get("rng") if rng and isinstance(meta, Mapping) else None
     return values, rng_state
+
+
+# Where trainers keep their configuration: Lightning's hyper-parameters and their class.
+_HYPER_PARAMETERS = frozenset(
+    {"hyper_parameters", "hparams_type", "datamodule_hyper_parameters", "datamodule_hparams_type"}
+)
+
+
+def _refuse_stand_ins(values: Mapping[str, Any], targets: Mapping[str, object], path: Path) -> None:
+    """Refuse a value handed back with stand-ins for classes that were not imported.
+
+    Stand-ins are data only where a checkpoint keeps its configuration: Lightning's
+    hyper-parameter entries and omegaconf configs anywhere (their nodes, enums and the
+    dataclasses of structured configs are stand-ins too). A pickled module restores a module
+    target (its weights are read from it), and other targets refuse stand-ins themselves
+    (:func:`torchkeep._state.check`). Anything else (a user's object) would come back looking
+    like the real thing without its methods, so the file needs ``trust=True``.
+    """
+    found: dict[str, str] = {}
+    for name, value in values.items():
+        if name in targets or name in _HYPER_PARAMETERS or _is_config(value):
+            continue
+        for qualname in find_stubs(value, limit=1 << 62):
+            found.setdefault(qualname, name)
+    if found:
+        listed = ", ".join(f"{q} (in {n!r})" for q, n in found.items())
+        raise UnsafeFileError(
+            f"refusing to load {str(path)!r} without trust: it holds objects of classes that "
+            f"are not imported: {listed}. Nothing was executed; without their code they could "
+            "come back only as inert stand-ins. If you trust whoever wrote the file, pass "
+            "trust=True; to take only the weights, use torchkeep.load_state_dict(path) or "
+            "pass the model to restore (model=...).",
+            path=str(path),
+            globals=tuple(found),
+        )
+
+
+def _is_config(value: Any) -> bool:
+    return isinstance(value, StubObject) and value.stub_qualname.startswith("omegaconf.")
+
+
+def _holds_tensors(value: Any) -> bool:
+    return isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _entry_for(name: str, target: object, values: Mapping[str, Any]) -> str | None:
+    """The entry of a torch checkpoint dict that restores the target passed as ``name=``.
+
+    The tutorials' names count too (``model_state_dict``, ``optimizer_state_dict``). For a
+    module, weights held as a state dict win over a pickled module object beside them (the
+    tutorials save both, ``{"model": Net(), "model_state_dict": ...}``); a pickled module is
+    used when it is the only source.
+    """
+    names = [name, f"{name}_state_dict", f"{name}_state"]
+    if not isinstance(target, torch.nn.Module):
+        return next((n for n in names if n in values), None)
+    names.append("state_dict")
+    present = [n for n in names if n in values]
+    return next(
+        (n for n in present if _holds_tensors(values[n])),
+        next((n for n in present if is_module_like(values[n])), present[0] if present else None),
+    )
 
 
 def _restore(
@@ -606,16 +670,27 @@ def _restore(
 # -------------------------------------------------------------------------------- verbs
 
 
+def _as_path(path: object, verb: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidStateError(
+            f"{verb} takes the checkpoint's path first, got a {type(path).__name__}; call "
+            f"{verb}(path, model=model, optimizer=optimizer, ...)"
+        )
+    return Path(path)
+
+
 def _format_for(path: Path, format: str | None) -> str:
     if format is not None:
         if format not in ("native", "torch"):
-            raise ValueError(f"unknown checkpoint format {format!r}; use 'native' or 'torch'")
+            raise InvalidArgumentError(
+                f"unknown checkpoint format {format!r}; use 'native' or 'torch'"
+            )
         return format
     if path.suffix.lower() in _PT_SUFFIXES:
         return "torch"
     if path.is_dir() or not path.suffix:
         return "native"
-    raise ValueError(
+    raise InvalidArgumentError(
         f"cannot tell the checkpoint format of {str(path)!r} from its suffix {path.suffix!r}: "
         "use a folder path (the native format) or a .pt file, or pass format='native'/'torch'"
     )
@@ -634,6 +709,7 @@ def _save_torch(
         raise InvalidStateError("nothing to save: pass the state as keywords, model=..., ...")
     payload: dict[str, Any] = {}
     kinds: dict[str, str] = {}
+    namespaces: list[list[Any]] = []
     for name, value in state.items():
         _check_name(name)
         kind, captured, module_meta = _state.capture(value)
@@ -641,12 +717,14 @@ def _save_torch(
             captured = _state.module_state(captured, module_meta)
         payload[name] = to_torch_plain(captured, name, allow_pickle=allow_pickle)
         kinds[name] = kind
+        namespaces.extend([name, *p] for p in _state.namespace_paths(captured))
     payload[PT_META] = {
         "format": FORMAT,
         "version": VERSION,
         "torch_version": str(torch.__version__),
         "created": now(),
         "kinds": kinds,
+        "namespaces": namespaces,
         "metrics": {k: number(k, v) for k, v in (metrics or {}).items()},
         "metadata": to_torch_plain(dict(metadata or {}), "metadata"),
         "rng": _state.capture_rng() if rng else None,
@@ -699,11 +777,13 @@ def save_checkpoint(
         UnsupportedValueError: a value that cannot be stored without pickle; the message
             names its path in the state (``extra.callback``).
         CheckpointWriteError: the disk refused a write; nothing was committed.
+        InvalidArgumentError: an unknown ``format``, a reserved ``__`` name, or a path that
+            is a file (native) or a folder that is not a checkpoint.
 
     Example:
         >>> save_checkpoint("ckpt/epoch-3", model=model, optimizer=opt, epoch=3, args=args)
     """
-    target = Path(path)
+    target = _as_path(path, "save_checkpoint")
     if _format_for(target, format) == "torch":
         _save_torch(
             target, state, rng=rng, allow_pickle=allow_pickle, metrics=metrics, metadata=metadata
@@ -733,6 +813,15 @@ def load_checkpoint(
     ``load_state_dict``; tensors are copied into. A Namespace or dataclass passed as a target
     shapes the value returned. Every target is checked before any is changed.
 
+    Other files than torchkeep's load too: a ``.pt``/``.ckpt`` dict saved by ``torch.save``
+    restores ``model=`` from ``model``, ``model_state_dict`` or ``state_dict`` and the other
+    targets from ``<name>_state_dict`` (the tutorials' names). Without trust, classes the file
+    names are never imported: a pickled model (``{"model": Net(), ...}``) gives its weights
+    (``model_state_dict`` wins when both are there), and configuration (Lightning's
+    ``hyper_parameters``, omegaconf configs) comes back as inert stand-ins holding the
+    pickled state; any other object of a class that is not allowlisted needs ``trust=True``.
+    ``argparse.Namespace`` values come back as Namespaces from both layouts.
+
     Args:
         path: a native checkpoint folder or a ``.pt`` file (read through the safe unpickler).
         rng: restore the saved RNG states.
@@ -751,13 +840,17 @@ def load_checkpoint(
         ChecksumError: with ``verify``, a tensor's bytes changed since it was saved.
         UnsafeFileError: pickled content without ``trust=True``.
         KeyMismatchError: a target has no entry, or a module's names do not match.
+        InvalidStateError: a target's entry holds stand-ins for classes that were not
+            imported (pass ``trust=True``), or is not what the target loads.
+        DeviceError: ``device`` is not available on this machine.
 
     Example:
         >>> extra = load_checkpoint("ckpt/epoch-3", model=model, optimizer=opt)
         >>> extra["epoch"]
         3
     """
-    source = Path(path)
+    source = _as_path(path, "load_checkpoint")
+    check_device(device, f"load {str(source)!r}")
     if source.name == MANIFEST and source.is_file():
         source = source.parent
     if not source.exists():

@@ -71,6 +71,17 @@ class DeviceError(TorchkeepError, RuntimeError):
     """A tensor cannot be placed on the requested device (for example CUDA is absent)."""
 
 
+class MissingDependencyError(TorchkeepError, ImportError):
+    """An optional package the call needs (fsspec, s3fs, ...) is not installed.
+
+    The message names the package and how to install it.
+    """
+
+
+class ManagerClosedError(TorchkeepError, RuntimeError):
+    """A :class:`~torchkeep.CheckpointManager` was asked to save after it was closed."""
+
+
 class ModelRebuildError(TorchkeepError, ImportError):
     """A model cannot be rebuilt from a file: its class is missing, or it holds no model."""
 
@@ -132,6 +143,8 @@ __all__ = [
     "InvalidStateError",
     "ExportError",
     "KeyMismatchError",
+    "ManagerClosedError",
+    "MissingDependencyError",
     "ModelRebuildError",
     "TorchkeepWarning",
     "TorchkeepError",

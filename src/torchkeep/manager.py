@@ -21,8 +21,10 @@ from typing import Any, Literal
 
 import torch
 
+from torchkeep._device import check_device
 from torchkeep._steps import LocalSteps, Location, RemoteSteps, Steps
 from torchkeep._tree import Unflattener
+from torchkeep.api import parse_size
 from torchkeep.checkpoint import (
     DEFAULT_SHARD_SIZE,
     MANIFEST,
@@ -32,7 +34,14 @@ from torchkeep.checkpoint import (
     take_snapshot,
     write_native,
 )
-from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, TorchkeepError
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptFileError,
+    InvalidArgumentError,
+    InvalidStateError,
+    ManagerClosedError,
+    TorchkeepError,
+)
 from torchkeep.io.recycle import BIN_NAME, RecycleBin
 from torchkeep.retention import (
     AnyOf,
@@ -100,8 +109,15 @@ class CheckpointManager:
         storage_options: Mapping[str, Any] | None = None,
         recycle: bool = False,
     ) -> None:
+        if not isinstance(directory, (str, os.PathLike)):
+            raise InvalidStateError(
+                "CheckpointManager takes the run's folder (a path or URL) first, got a "
+                f"{type(directory).__name__}; pass the objects to save to mgr.save(step, ...)"
+            )
         if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+            raise InvalidArgumentError(
+                f"mode must be 'min' (lower {monitor or 'metric'} is better) or 'max', got {mode!r}"
+            )
         self.directory: Path | str
         self._steps: Steps
         if is_remote(directory):
@@ -116,6 +132,7 @@ class CheckpointManager:
         self.monitor = monitor
         self.mode: Mode = mode
         self.policy = self._policy(keep_last, keep_best, keep_every, policy)
+        parse_size(max_shard_size)  # a bad size fails here, not in a background save
         self._max_shard_size = max_shard_size
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-save")
         self._pending: Future[Location] | None = None
@@ -124,7 +141,10 @@ class CheckpointManager:
         self._bin: RecycleBin | None = None
         if recycle:
             if not isinstance(self._steps, LocalSteps):
-                raise ValueError("recycle=True works on local folders only")
+                raise InvalidArgumentError(
+                    f"recycle=True works on local folders only, not {self.directory!r}; "
+                    "drop recycle= for remote storage"
+                )
             self._bin = RecycleBin(Path(self.directory) / BIN_NAME)
             self._steps.recycle = self._bin
         self._closed = False
@@ -141,13 +161,19 @@ class CheckpointManager:
             parts.append(KeepLast(keep_last))
         if keep_best is not None:
             if self.monitor is None:
-                raise ValueError("keep_best needs monitor=, the metric to rank checkpoints by")
+                raise InvalidArgumentError(
+                    "keep_best needs monitor=, the metric to rank checkpoints by "
+                    "(monitor='val_loss')"
+                )
             parts.append(KeepBest(self.monitor, self.mode, keep_best))
         if keep_every is not None:
             parts.append(KeepEvery(keep_every))
         if policy is not None:
             if parts:
-                raise ValueError("pass either policy= or the keep_* shortcuts, not both")
+                raise InvalidArgumentError(
+                    "pass either policy= or the keep_* shortcuts, not both; combine policies "
+                    "with AnyOf(KeepLast(3), KeepBest(...))"
+                )
             return policy
         return AnyOf(*parts) if parts else KeepAll()
 
@@ -187,10 +213,13 @@ class CheckpointManager:
         """The committed step with the best ``monitor`` value, or None when none has it.
 
         Raises:
-            ValueError: the manager was made without ``monitor``.
+            InvalidArgumentError: the manager was made without ``monitor``.
         """
         if self.monitor is None:
-            raise ValueError("best() needs the manager's monitor=, the metric to rank by")
+            raise InvalidArgumentError(
+                "best() needs the manager's monitor=, the metric to rank by: "
+                "CheckpointManager(directory, monitor='val_loss')"
+            )
         order = ranked(self.checkpoints(), self.monitor, self.mode)
         return order[0].step if order else None
 
@@ -234,14 +263,23 @@ class CheckpointManager:
             UnsupportedValueError: a value that cannot be stored without pickle.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+            raise InvalidArgumentError(
+                f"step must be a non-negative integer, got {step!r}; call "
+                "save(step, model=model, ...) with the training step first"
+            )
         with self._lock:
             if self._closed:
-                raise RuntimeError("this CheckpointManager is closed")
+                raise ManagerClosedError(
+                    f"this CheckpointManager of {str(self.directory)!r} is closed; make a new "
+                    "one to save again"
+                )
             self._finish()
             if self._uses_dcp(state):
                 if allow_pickle:
-                    raise ValueError("distributed checkpoints hold no pickle: allow_pickle=True")
+                    raise InvalidArgumentError(
+                        "distributed checkpoints hold no pickle: drop allow_pickle=True, or "
+                        "make the values JSON-friendly"
+                    )
                 from torchkeep import _dcp
 
                 dist_snapshot = _dcp.take_snapshot(
@@ -395,7 +433,10 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: the step asked for has no committed checkpoint, or
                 ``"best"`` when no checkpoint has the monitored metric.
+            DeviceError: ``device`` is not available on this machine (checked even when
+                there is nothing to resume yet).
         """
+        check_device(device, f"restore checkpoints of {str(self.directory)!r}")
         self._finish()
         if which == "latest":
             step = self.latest()
@@ -413,7 +454,10 @@ class CheckpointManager:
                 )
             step = which
         else:
-            raise ValueError(f"which must be 'latest', 'best' or a step, got {which!r}")
+            raise InvalidArgumentError(
+                f"which must be 'latest', 'best' or a step number, got {which!r}; pass the "
+                "objects to restore as keywords: restore(model=model, optimizer=opt)"
+            )
         if step is None:
             return None
         location = self.path(step)

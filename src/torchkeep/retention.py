@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from torchkeep.errors import InvalidArgumentError, InvalidStateError
+
 Mode = Literal["min", "max"]
 
 
@@ -43,7 +45,7 @@ class RetentionPolicy(Protocol):
 
 def _positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _metric(checkpoint: Checkpoint, metric: str) -> float | None:
@@ -56,7 +58,9 @@ def _metric(checkpoint: Checkpoint, metric: str) -> float | None:
 def ranked(checkpoints: Sequence[Checkpoint], metric: str, mode: Mode) -> list[Checkpoint]:
     """Checkpoints that have ``metric``, best first; equal values rank the newer first."""
     if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        raise InvalidArgumentError(
+            f"mode must be 'min' (lower {metric} is better) or 'max', got {mode!r}"
+        )
     scored = [(value, c) for c in checkpoints if (value := _metric(c, metric)) is not None]
     sign = 1.0 if mode == "min" else -1.0
     scored.sort(key=lambda item: (sign * item[0], -item[1].step))
@@ -91,7 +95,10 @@ class KeepBest:
     def __post_init__(self) -> None:
         _positive("KeepBest n", self.n)
         if self.mode not in ("min", "max"):
-            raise ValueError(f"KeepBest mode must be 'min' or 'max', got {self.mode!r}")
+            raise InvalidArgumentError(
+                f"KeepBest mode must be 'min' (lower {self.metric} is better) or 'max', "
+                f"got {self.mode!r}"
+            )
 
     def keep(self, checkpoints: Sequence[Checkpoint]) -> set[int]:
         """The steps of the ``n`` best checkpoints."""
@@ -120,7 +127,15 @@ class AnyOf:
 
     def __init__(self, *policies: RetentionPolicy) -> None:
         if not policies:
-            raise ValueError("AnyOf needs at least one policy")
+            raise InvalidArgumentError(
+                "AnyOf needs at least one policy: AnyOf(KeepLast(3), KeepEvery(1000))"
+            )
+        for policy in policies:
+            if not callable(getattr(policy, "keep", None)):
+                raise InvalidStateError(
+                    "AnyOf takes retention policies (KeepLast, KeepBest, KeepEvery, ...), "
+                    f"got a {type(policy).__name__}"
+                )
         object.__setattr__(self, "policies", tuple(policies))
 
     def keep(self, checkpoints: Sequence[Checkpoint]) -> set[int]:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from torchkeep._stubs import ModuleEntry
-from torchkeep._tensors import TensorInfo
+from torchkeep._tensors import TensorInfo, copy_into
 
 MapLocation = Callable[[Any, str], Any] | str | None
 
@@ -74,10 +74,22 @@ class Source:
         """Read one tensor."""
         raise NotImplementedError
 
+    def values(self, entry: str) -> dict[str, Any]:
+        """Non-tensor values stored under state-dict names beside ``entry``'s tensors.
+
+        Quantized modules keep packed parameters (tuples) and dtypes there, modules with
+        ``get_extra_state`` their ``_extra_state``. Formats holding only tensors have none.
+        """
+        return {}
+
+    def module_versions(self, entry: str) -> Mapping[str, Any] | None:
+        """torch's per-module ``_metadata`` (versions) saved with ``entry``, when kept."""
+        return None
+
     def read_into(self, entry: str, name: str, dest: torch.Tensor) -> None:
         """Copy one tensor into ``dest`` (same shape; dtype and device may differ)."""
         with torch.no_grad():
-            dest.copy_(self.get(entry, name))
+            copy_into(dest, self.get(entry, name), name)
 
     def read_into_many(self, entry: str, pairs: Sequence[tuple[str, torch.Tensor]]) -> None:
         """Copy each ``(name, dest)`` pair's tensor into ``dest``; formats that can read in

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from torchkeep.errors import CorruptFileError, TorchkeepError
+from torchkeep.errors import CorruptFileError, ModelRebuildError, TorchkeepError
 
 # Not about the file's bytes: a missing file, no permission, memory exhausted, an interrupt.
 _PASS = (
@@ -35,6 +35,13 @@ def reading(path: object) -> Iterator[None]:
         yield
     except _PASS:
         raise
+    except ImportError as exc:
+        # A trusted pickle names a module this environment lacks: the bytes are fine.
+        raise ModelRebuildError(
+            f"cannot read {str(path)!r}: it needs {exc.name or 'a module'!r}, which cannot be "
+            f"imported here ({exc}); install it, or read the file without trust=True, which "
+            "turns unknown classes into inert stand-ins"
+        ) from exc
     except BaseException as exc:  # torch's CheckpointException derives from BaseException
         if isinstance(exc, OSError) and not isinstance(exc, IsADirectoryError | NotADirectoryError):
             raise  # an I/O failure, not malformed data

@@ -36,23 +36,26 @@ class NativeSource(Source):
         for key, entry in manifest["state"].items():
             if not isinstance(entry, dict):
                 continue
-            if entry.get("kind") == "module" and isinstance(entry.get("value"), dict):
-                names: dict[str, Any] = {
-                    name: ref.get("name")
-                    for name, ref in entry["value"].items()
-                    if isinstance(ref, dict) and ref.get("__tk__") == "tensor"
-                }
+            kind, value = entry.get("kind"), entry.get("value")
+            if kind == "module" and isinstance(value, dict):
+                found = {key: _tensor_refs(value)}
+            elif kind in ("value", "stateful"):
+                # A state dict saved as a value (model=model.state_dict()), or one inside it.
+                found = _tensor_dicts(value, key, 0)
+            else:
+                found = {}
+            for entry_name, names in found.items():
                 for name, stored in names.items():
                     if not isinstance(stored, str) or stored not in stored_info:
                         raise CorruptFileError(
-                            f"checkpoint {str(path)!r} is damaged: entry {key!r} refers to "
-                            f"tensor {stored!r} for {name!r}, which is not stored"
+                            f"checkpoint {str(path)!r} is damaged: entry {entry_name!r} refers "
+                            f"to tensor {stored!r} for {name!r}, which is not stored"
                         )
-                self._stored[key] = names
-                self._entries[key] = {
+                self._stored[entry_name] = names
+                self._entries[entry_name] = {
                     name: _info(name, stored_info[stored]) for name, stored in names.items()
                 }
-            else:
+            if kind != "module" and key not in found:
                 self.extras[key] = _describe(entry)
         self.metadata = {
             "step": str(manifest.get("step")),
@@ -76,6 +79,32 @@ class NativeSource(Source):
 
     def close(self) -> None:
         self._checkpoint.close()
+
+
+_MAX_DEPTH = 4  # as deep as entries are looked for in torch checkpoint dicts
+
+
+def _tensor_refs(node: dict[str, Any]) -> dict[str, Any]:
+    """``{name: stored tensor name}`` for the tensor references directly in a JSON dict."""
+    return {
+        name: ref.get("name")
+        for name, ref in node.items()
+        if isinstance(ref, dict) and ref.get("__tk__") == "tensor"
+    }
+
+
+def _tensor_dicts(node: Any, path: str, depth: int) -> dict[str, dict[str, Any]]:
+    """Every plain dict holding tensors inside a value's JSON node, keyed by its dotted path."""
+    if not isinstance(node, dict) or "__tk__" in node:
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+    refs = _tensor_refs(node)
+    if refs:
+        found[path] = refs
+    if depth < _MAX_DEPTH:
+        for key, child in node.items():
+            found.update(_tensor_dicts(child, f"{path}.{key}", depth + 1))
+    return found
 
 
 def _info(name: str, stored: dict[str, Any]) -> TensorInfo:

@@ -121,25 +121,25 @@ class Payload:
 
 def _int(value: Any, what: str) -> int:
     if type(value) is not int or not 0 <= value < 1 << 62:
-        raise ValueError(f"{what} is {str(value)[:40]}, not a non-negative integer")
+        raise CorruptFileError(f"{what} is {str(value)[:40]}, not a non-negative integer")
     return value
 
 
 def _sym_int(value: Any, what: str) -> int:
     if not isinstance(value, dict) or set(value) != {"as_int"}:
-        raise ValueError(f"{what} is not a plain integer (symbolic sizes are not weights)")
+        raise CorruptFileError(f"{what} is not a plain integer (symbolic sizes are not weights)")
     return _int(value["as_int"], what)
 
 
 def _sym_ints(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, list) or len(value) > _MAX_DIMS:
-        raise ValueError(f"{what} is not a list of at most {_MAX_DIMS} integers")
+        raise CorruptFileError(f"{what} is not a list of at most {_MAX_DIMS} integers")
     return tuple(_sym_int(v, what) for v in value)
 
 
 def _location(device: Any) -> str:
     if not isinstance(device, dict) or not isinstance(device.get("type"), str):
-        raise ValueError("device is malformed")
+        raise CorruptFileError("device is malformed")
     kind, index = device["type"], device.get("index")
     if index is None:
         return str(kind)
@@ -148,28 +148,28 @@ def _location(device: Any) -> str:
 
 def _payload(name: str, meta: Any) -> Payload:
     if not isinstance(meta, dict):
-        raise ValueError("its entry is not an object")
+        raise CorruptFileError("its entry is not an object")
     path_name, is_param, pickled = (
         meta.get("path_name"),
         meta.get("is_param"),
         meta.get("use_pickle"),
     )
     if type(path_name) is not str or not _PATH_NAME.fullmatch(path_name):
-        raise ValueError(f"path_name {str(path_name)[:80]!r} is not a record name")
+        raise CorruptFileError(f"path_name {str(path_name)[:80]!r} is not a record name")
     if type(is_param) is not bool or type(pickled) is not bool:
-        raise ValueError("is_param and use_pickle must be booleans")
+        raise CorruptFileError("is_param and use_pickle must be booleans")
     tensor = meta.get("tensor_meta")
     if not isinstance(tensor, dict):
-        raise ValueError("it has no tensor_meta")
+        raise CorruptFileError("it has no tensor_meta")
     code = tensor.get("dtype")
     if type(code) is not int or code not in _DTYPES:
-        raise ValueError(f"dtype code {str(code)[:20]} is not one torchkeep knows")
+        raise CorruptFileError(f"dtype code {str(code)[:20]} is not one torchkeep knows")
     if tensor.get("layout") != _STRIDED or type(tensor.get("layout")) is not int:
-        raise ValueError("it is not a dense (strided) tensor")
+        raise CorruptFileError("it is not a dense (strided) tensor")
     shape = _sym_ints(tensor.get("sizes"), "sizes")
     stride = _sym_ints(tensor.get("strides"), "strides")
     if len(stride) != len(shape):
-        raise ValueError(f"it has {len(shape)} sizes but {len(stride)} strides")
+        raise CorruptFileError(f"it has {len(shape)} sizes but {len(stride)} strides")
     offset = _sym_int(tensor.get("storage_offset"), "storage_offset")
     return Payload(
         name,
@@ -392,7 +392,7 @@ def _payloads(zf: ZipArchive, model: str) -> dict[str, Payload]:
     for fqn, meta in _config(zf, name).items():
         try:
             payload = _payload(fqn, meta)
-        except ValueError as exc:
+        except CorruptFileError as exc:
             raise CorruptFileError(f"{zf.path!r}: {name} entry {fqn[:200]!r}: {exc}") from exc
         record = _exact(zf, f"{WEIGHTS_DIR}/{payload.path_name}")
         where = f"{zf.path!r}: weight {fqn[:200]!r}"

@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, UnknownFormatError
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptFileError,
+    InvalidArgumentError,
+    UnknownFormatError,
+)
 from torchkeep.formats._base import Format, OpenOptions, Source
 from torchkeep.formats._guard import reading
 from torchkeep.formats.dcp import DcpFormat
@@ -127,7 +132,9 @@ def for_writing(path: Path, format: str | None, sharded: bool) -> Format:
     """The format a new file at ``path`` gets: explicit, from the suffix, or sharded folder."""
     if format is not None:
         if format not in BY_NAME:
-            raise ValueError(f"unknown format {format!r}; choose one of {', '.join(BY_NAME)}")
+            raise InvalidArgumentError(
+                f"unknown format {format!r}; choose one of {', '.join(BY_NAME)}"
+            )
         return BY_NAME[format]
     if sharded:
         return SHARDED
@@ -136,7 +143,7 @@ def for_writing(path: Path, format: str | None, sharded: bool) -> Format:
         return SAFETENSORS
     if suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt", ".tar"):
         return TORCH_ZIP
-    raise ValueError(
+    raise InvalidArgumentError(
         f"cannot tell the format of {str(path)!r} from its suffix {suffix or '(none)'!r}: use "
         ".safetensors (recommended) or .pt/.pth/.bin, pass format=..., or pass "
         "max_shard_size=... to write a sharded folder"

@@ -24,9 +24,11 @@ import xxhash
 from torchkeep import _json
 from torchkeep._tensors import (
     DTYPE_FROM_NAME,
+    FLOAT4,
     NAME_FROM_DTYPE,
     TensorInfo,
     byte_view,
+    check_saveable,
     dtype_name,
     xxh3,
 )
@@ -178,6 +180,20 @@ def _parse_entry(path: str, name: str, spec: Any) -> _Entry:
         if count > _INT64_MAX:
             raise _corrupt(path, f"tensor {name!r} has a shape {shape} whose size overflows")
     expected = count * dtype.itemsize
+    if dtype == FLOAT4:
+        # The shape counts 4-bit values, two to a byte and to a torch element.
+        if count % 2:
+            raise _corrupt(
+                path, f"tensor {name!r} ({code}{shape}) holds {count} 4-bit values, not whole bytes"
+            )
+        if not shape or shape[-1] % 2:
+            raise _corrupt(
+                path,
+                f"tensor {name!r} ({code}{shape}) has no torch form: torch keeps float4 values "
+                "in pairs along the last dimension (float4_e2m1fn_x2), which must be even",
+            )
+        expected = count // 2
+        shape = [*shape[:-1], shape[-1] // 2]
     if expected > _INT64_MAX:
         raise _corrupt(path, f"tensor {name!r} ({code}{shape}) is too large to exist")
     if offsets[1] - offsets[0] != expected:
@@ -340,10 +356,37 @@ def _check_json(path: str, metadata: dict[str, str], key: str) -> None:
         _json.loads(metadata[key], path=path, what=f"metadata field {key!r}")
 
 
+def file_shape(tensor: torch.Tensor) -> list[int]:
+    """The shape a safetensors header gives ``tensor``: float4's last dimension counts values."""
+    shape = list(tensor.shape)
+    if tensor.dtype == FLOAT4:
+        shape[-1] *= 2
+    return shape
+
+
+def check_storable(name: str, tensor: torch.Tensor) -> None:
+    """Refuse what safetensors cannot hold (``tensor`` may be a meta tensor, for its facts).
+
+    Raises:
+        UnsupportedTensorError: a sparse, nested or quantized tensor, a dtype safetensors has
+            no name for, or a 0-d float4 tensor; the message names the formats that can.
+    """
+    if tensor.device.type == "meta" and tensor.layout == torch.strided and not tensor.is_nested:
+        # Planned from a file's facts: only the dtype and the number of dimensions matter.
+        tensor = torch.empty((0,) * tensor.dim(), dtype=tensor.dtype)
+    check_saveable(name, tensor, "safetensors")
+
+
 def build_header(
     request: WriteRequest, checksums: dict[str, str] | None
 ) -> tuple[bytes, list[str]]:
-    """The padded header bytes and the order tensors are written in."""
+    """The padded header bytes and the order tensors are written in.
+
+    Raises:
+        UnsupportedTensorError: a tensor safetensors cannot hold.
+    """
+    for name, tensor in request.tensors.items():
+        check_storable(name, tensor)
     # Largest element size first keeps every tensor aligned to its element size.
     order = sorted(request.tensors, key=lambda n: (-request.tensors[n].element_size(), n))
     header: dict[str, Any] = {}
@@ -366,7 +409,7 @@ def build_header(
             tensor = request.tensors[name]
             header[name] = {
                 "dtype": NAME_FROM_DTYPE[tensor.dtype],
-                "shape": list(tensor.shape),
+                "shape": file_shape(tensor),
                 "data_offsets": offsets[name],
             }
     raw = json.dumps(header, separators=(",", ":")).encode()

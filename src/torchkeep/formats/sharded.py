@@ -21,7 +21,7 @@ from torchkeep._contain import check_name, member
 from torchkeep._tensors import TensorInfo
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, UnsafeFileError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
-from torchkeep.formats.safetensors import SafetensorsFormat, SafetensorsSource
+from torchkeep.formats.safetensors import SafetensorsFormat, SafetensorsSource, check_storable
 from torchkeep.io._sys import io_threads
 from torchkeep.io.read import ReadExtent, read_extents
 
@@ -223,6 +223,8 @@ class ShardedFormat:
         return ShardedSource(index, options, self._opener)
 
     def write(self, request: WriteRequest, path: Path) -> None:
+        for name, tensor in request.tensors.items():
+            check_storable(name, tensor)  # before any shard is started
         limit = request.max_shard_bytes or (1 << 62)
         groups: list[list[str]] = [[]]
         size = 0

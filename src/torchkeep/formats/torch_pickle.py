@@ -14,8 +14,14 @@ from typing import Any
 
 import torch
 
-from torchkeep._stubs import find_stubs, is_module_like, module_state_dict, module_tree
-from torchkeep._tensors import TensorInfo, dtype_name, find_aliases
+from torchkeep._stubs import (
+    class_name,
+    find_stubs,
+    is_module_like,
+    module_state_dict,
+    module_tree,
+)
+from torchkeep._tensors import check_saveable, find_aliases, tensor_info
 from torchkeep._torch_files import LEGACY_MAGIC, ZIP_MAGIC, check_crcs
 from torchkeep._unpickle import safe_pickle_load, safe_torch_load
 from torchkeep.errors import UnknownFormatError
@@ -23,13 +29,33 @@ from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 
 _MAX_DEPTH = 4
 
+# Wrappers whose state dict is their one child's under a prefix; torchkeep names state without it.
+_WRAPPERS = {
+    "torch.nn.parallel.data_parallel.DataParallel": "module",
+    "torch.nn.parallel.distributed.DistributedDataParallel": "module",
+    "torch._dynamo.eval_frame.OptimizedModule": "_orig_mod",
+}
+
+
+def unwrap_module_like(value: Any) -> Any:
+    """The module inside pickled DataParallel/DDP/``torch.compile`` wrappers (real or stubs)."""
+    for _ in range(8):
+        child_name = _WRAPPERS.get(class_name(value))
+        children = getattr(value, "_modules", None) if child_name else None
+        if not isinstance(children, Mapping) or not is_module_like(children.get(child_name)):
+            return value
+        value = children[child_name]
+    return value
+
 
 def find_entries(obj: Any) -> dict[str, dict[str, torch.Tensor]]:
     """Every flat ``{str: tensor}`` dict inside a loaded object, keyed by its path.
 
-    The root of a plain state dict is ``""``; a checkpoint dict's weights are found under their
-    key (``"state_dict"``, ``"model"``, ``"ema.module"``, ...). A whole-model pickle (real
-    modules when trusted, inert stubs otherwise) contributes its ``state_dict()`` names.
+    The root of a plain state dict is ``""`` (a file holding one bare tensor gives
+    ``{"": {"tensor": t}}``); a checkpoint dict's weights are found under their key
+    (``"state_dict"``, ``"model"``, ``"ema.module"``, ...). A whole-model pickle (real modules
+    when trusted, inert stubs otherwise) contributes its ``state_dict()`` names; a pickled
+    DataParallel/DDP/compiled wrapper those of the module inside.
 
     Each container is walked once: one reached again under another path (shared, or a file
     built to make the walk exponential) only repeats the entry it gave the first time.
@@ -44,7 +70,7 @@ def find_entries(obj: Any) -> dict[str, dict[str, torch.Tensor]]:
             return
         walked[id(value)] = (value, None)
         if is_module_like(value):
-            found[path] = module_state_dict(value)
+            found[path] = module_state_dict(unwrap_module_like(value))
             walked[id(value)] = (value, found[path])
             return
         if isinstance(value, Mapping):
@@ -66,6 +92,9 @@ def find_entries(obj: Any) -> dict[str, dict[str, torch.Tensor]]:
                 child_path = f"{path}{key}" if key.startswith("[") or not path else f"{path}.{key}"
                 walk(child, child_path, depth + 1)
 
+    if isinstance(obj, torch.Tensor):
+        # torch.save(tensor): one unnamed tensor, named as torchkeep names a root tensor.
+        return {"": {"tensor": obj}}
     walk(obj, "", 0)
     return found
 
@@ -78,12 +107,7 @@ class PickleSource(Source):
         self.object = obj
         self._tensors = find_entries(obj)
         for entry, tensors in self._tensors.items():
-            self._entries[entry] = {
-                name: TensorInfo(
-                    name, tuple(t.shape), dtype_name(t.dtype), t.numel() * t.element_size()
-                )
-                for name, t in tensors.items()
-            }
+            self._entries[entry] = {name: tensor_info(name, t) for name, t in tensors.items()}
             self._aliases[entry] = find_aliases(tensors)
         if isinstance(obj, Mapping):
             self.extras = {
@@ -99,12 +123,39 @@ class PickleSource(Source):
     def get(self, entry: str, name: str) -> torch.Tensor:
         return self._tensors[entry][name]
 
+    def _mapping(self, entry: str) -> Mapping[Any, Any] | None:
+        value: Any = self.object
+        if entry:
+            for key in entry.split("."):
+                if not isinstance(value, Mapping) or key not in value:
+                    return None
+                value = value[key]
+        return value if isinstance(value, Mapping) else None
+
+    def values(self, entry: str) -> dict[str, Any]:
+        mapping = self._mapping(entry)
+        if mapping is None or entry not in self._tensors:
+            return {}
+        # At the root of a checkpoint dict, undotted names are its members (epoch, ...).
+        return {
+            k: v
+            for k, v in mapping.items()
+            if isinstance(k, str)
+            and not isinstance(v, torch.Tensor)
+            and (entry or "." in k or k == "_extra_state")
+        }
+
+    def module_versions(self, entry: str) -> Mapping[str, Any] | None:
+        mapping = self._mapping(entry)
+        versions = getattr(mapping, "_metadata", None)
+        return versions if isinstance(versions, Mapping) else None
+
 
 def _module_roots(obj: Any) -> dict[str, Any]:
     if is_module_like(obj):
-        return {"": obj}
+        return {"": unwrap_module_like(obj)}
     if isinstance(obj, Mapping):
-        return {str(k): v for k, v in obj.items() if is_module_like(v)}
+        return {str(k): unwrap_module_like(v) for k, v in obj.items() if is_module_like(v)}
     return {}
 
 
@@ -150,7 +201,7 @@ class TorchZipFormat:
         return TorchZipSource(path, self.name, obj)
 
     def write(self, request: WriteRequest, path: Path) -> None:
-        torch.save(_with_aliases(request), path)
+        torch.save(_with_aliases(request, self.name), path)
 
 
 class TorchLegacyFormat:
@@ -175,7 +226,7 @@ class TorchLegacyFormat:
         return PickleSource(path, self.name, obj)
 
     def write(self, request: WriteRequest, path: Path) -> None:
-        torch.save(_with_aliases(request), path, _use_new_zipfile_serialization=False)
+        torch.save(_with_aliases(request, self.name), path, _use_new_zipfile_serialization=False)
 
 
 class PlainPickleFormat:
@@ -205,7 +256,9 @@ class PlainPickleFormat:
         )
 
 
-def _with_aliases(request: WriteRequest) -> dict[str, torch.Tensor]:
+def _with_aliases(request: WriteRequest, format: str) -> dict[str, torch.Tensor]:
+    for name, tensor in request.tensors.items():
+        check_saveable(name, tensor, format)
     # The same tensor object under both names: torch.save stores its storage once and
     # torch.load gives back two names sharing it, so tied weights stay tied.
     return {

@@ -19,7 +19,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from torchkeep.errors import CheckpointNotFoundError, CheckpointWriteError, CorruptFileError
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptFileError,
+    InvalidArgumentError,
+    MissingDependencyError,
+)
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 # Schemes served by torchkeep's own HTTP download (a cache, hash checks) rather than fsspec.
@@ -58,16 +64,27 @@ def filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[Any,
     """The fsspec filesystem serving ``url`` and the path inside it.
 
     Raises:
-        ImportError: fsspec (or the scheme's package, such as s3fs) is not installed.
+        MissingDependencyError: fsspec (or the scheme's package, such as s3fs) is not
+            installed.
+        InvalidArgumentError: fsspec knows no such scheme, or refuses the options.
     """
     try:
         import fsspec
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             f"{url!r} is a URL; reading and writing URLs needs fsspec: pip install "
             "'torchkeep[s3]' (fsspec and s3fs) or fsspec plus your store's package"
         ) from exc
-    fs, inner = fsspec.core.url_to_fs(url, **dict(options or {}))
+    try:
+        fs, inner = fsspec.core.url_to_fs(url, **dict(options or {}))
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{url!r} needs a package that is not installed: {exc}"
+        ) from exc
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgumentError(
+            f"fsspec cannot open {url!r} ({exc}); check the URL's scheme and storage_options="
+        ) from exc
     return fs, str(inner)
 
 
