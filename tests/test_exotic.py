@@ -26,14 +26,14 @@ from torch import nn
 
 import torchkeep as tk
 from torchkeep._convert import convert
-from torchkeep._tensors import (
-    DTYPE_FROM_NAME,
+from torchkeep._tensor_parts import (
     jagged_from_parts,
     nested_from_buffer,
     quantized_from_bytes,
     raw_from_bytes,
     sparse_from_parts,
 )
+from torchkeep._tensors import DTYPE_FROM_NAME
 from torchkeep._unpickle import safe_torch_load
 
 pytestmark = pytest.mark.filterwarnings(

@@ -296,6 +296,8 @@ def _find_entries(obj: Any, limit: int = 6) -> dict[str, dict[str, Any]]:
     names them."""
     import torch
 
+    if isinstance(obj, torch.Tensor):
+        return {"": {"tensor": obj}}  # torch.save(tensor): one tensor, named "tensor"
     found: dict[str, dict[str, Any]] = {}
     seen: set[int] = set()
 

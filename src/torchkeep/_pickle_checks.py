@@ -22,13 +22,13 @@ import torch
 
 from torchkeep._pickle_vm import Refusal
 from torchkeep._stubs import StubObject, derived_stub, stub_class
-from torchkeep._tensors import (
+from torchkeep._tensor_parts import (
     QUANTIZED_DTYPES,
     SPARSE_LAYOUTS,
     nested_from_buffer,
     sparse_from_parts,
-    stand_in,
 )
+from torchkeep._tensors import stand_in
 
 if TYPE_CHECKING:
     from torchkeep._pickle_rules import SafeRules
@@ -158,19 +158,24 @@ def check_view(
         )
 
 
-def rebuild_tensor_v2(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tensor:
-    args_(args, 6, 7, "rebuild_tensor_v2")
-    storage = storage_(rules, args[0])
-    check_view(storage, args[1], args[2], args[3])
-    if type(args[4]) is not bool:
+def _flags(requires_grad: Any, hooks: Any, metadata: Any) -> None:
+    """The arguments after a tensor view: a boolean, no hooks, an optional dict of flags."""
+    if type(requires_grad) is not bool:
         raise Refusal("requires_grad is not a boolean")
-    no_hooks(args[5])
-    metadata = args[6] if len(args) == 7 else None
+    no_hooks(hooks)
     if metadata is not None and (
         not isinstance(metadata, dict)
         or not all(type(k) is str and type(v) is bool for k, v in metadata.items())
     ):
         raise Refusal("a tensor's metadata is not a dict of flags")
+
+
+def rebuild_tensor_v2(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tensor:
+    args_(args, 6, 7, "rebuild_tensor_v2")
+    storage = storage_(rules, args[0])
+    check_view(storage, args[1], args[2], args[3])
+    metadata = args[6] if len(args) == 7 else None
+    _flags(args[4], args[5], metadata)
     return torch._utils._rebuild_tensor_v2(  # type: ignore[no-untyped-call,no-any-return]
         storage,
         args[1],
@@ -192,15 +197,8 @@ def rebuild_tensor_v3(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tensor:
         raise Refusal(f"a tensor's dtype is {dtype!r}")
     available = storage.nbytes() // dtype.itemsize  # type: ignore[no-untyped-call]
     check_view(storage, args[1], args[2], args[3], available)
-    if type(args[4]) is not bool:
-        raise Refusal("requires_grad is not a boolean")
-    no_hooks(args[5])
     metadata = args[7] if len(args) == 8 else None
-    if metadata is not None and (
-        not isinstance(metadata, dict)
-        or not all(type(k) is str and type(v) is bool for k, v in metadata.items())
-    ):
-        raise Refusal("a tensor's metadata is not a dict of flags")
+    _flags(args[4], args[5], metadata)
     return torch._utils._rebuild_tensor_v3(  # type: ignore[no-untyped-call,no-any-return]
         storage,
         args[1],

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchkeep import _tensors
+from torchkeep import _tensor_parts, _tensors
 from torchkeep._tensors import FLOAT4, NAME_FROM_DTYPE, check_saveable, is_nested, is_plain
 from torchkeep.errors import (
     CorruptFileError,
@@ -95,7 +95,7 @@ def _as_is(tensor: torch.Tensor) -> bool:
 _QSCHEMES = {
     str(q).removeprefix("torch."): q for q in vars(torch).values() if isinstance(q, torch.qscheme)
 }
-_LAYOUTS = {str(layout).removeprefix("torch."): layout for layout in _tensors.SPARSE_LAYOUTS}
+_LAYOUTS = {str(layout).removeprefix("torch."): layout for layout in _tensor_parts.SPARSE_LAYOUTS}
 # The parts of a sparse tensor in a checkpoint node, by whether it is COO.
 _SPARSE_KEYS = {
     True: ("indices", "values"),
@@ -300,10 +300,10 @@ class Flattener:
                 node["coalesced"] = bool(tensor.is_coalesced())
         elif tensor.is_quantized:
             try:
-                data = _tensors.quantized_bytes(tensor)
+                data = _tensor_parts.quantized_bytes(tensor)
             except UnsupportedTensorError as exc:
                 return self._pickle(original, path, str(exc))
-            facts = _tensors.quantized_state(tensor)
+            facts = _tensor_parts.quantized_state(tensor)
             node = {
                 TAG: "quantized",
                 "dtype": _tensors.dtype_name(tensor.dtype),
@@ -323,7 +323,7 @@ class Flattener:
                 TAG: "raw",
                 "dtype": _tensors.dtype_name(tensor.dtype),
                 "shape": list(tensor.shape),
-                "data": part(_tensors.raw_bytes(tensor), "bytes"),
+                "data": part(_tensor_parts.raw_bytes(tensor), "bytes"),
             }
         if original.requires_grad:
             node["requires_grad"] = True
@@ -455,7 +455,7 @@ class Unflattener:
             keys = _SPARSE_KEYS[layout == torch.sparse_coo]
             parts = [part(k) for k in keys]
             build = partial(
-                _tensors.sparse_from_parts, layout, parts, node["size"], node.get("coalesced")
+                _tensor_parts.sparse_from_parts, layout, parts, node["size"], node.get("coalesced")
             )
         elif tag == "quantized":
             facts: dict[str, object] = {
@@ -469,14 +469,14 @@ class Unflattener:
                 )
             else:
                 facts.update(scale=part("scale"), zero_point=node["zero_point"])
-            build = partial(_tensors.quantized_from_bytes, part("data"), facts)
+            build = partial(_tensor_parts.quantized_from_bytes, part("data"), facts)
         elif tag == "nested":
             keys = ("buffer", "sizes", "strides", "offsets")
-            build = partial(_tensors.nested_from_buffer, *[part(k) for k in keys])
+            build = partial(_tensor_parts.nested_from_buffer, *[part(k) for k in keys])
         elif tag == "jagged":
             lengths = None if node.get("lengths") is None else part("lengths")
             build = partial(
-                _tensors.jagged_from_parts,
+                _tensor_parts.jagged_from_parts,
                 part("values"),
                 part("offsets"),
                 lengths,
@@ -484,7 +484,7 @@ class Unflattener:
             )
         else:
             build = partial(
-                _tensors.raw_from_bytes, part("data"), dtype(node["dtype"]), node["shape"]
+                _tensor_parts.raw_from_bytes, part("data"), dtype(node["dtype"]), node["shape"]
             )
         try:
             tensor = build()
