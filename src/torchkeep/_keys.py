@@ -129,6 +129,10 @@ def _best_prefixes(
     dest_shapes: Shapes | None,
 ) -> tuple[tuple[str, str], tuple[str, ...]]:
     """The (source prefix, destination prefix) pair under which most names agree."""
+    if len(_agreeing(s_plain, d_plain, source_shapes, dest_shapes)) == min(
+        len(s_plain), len(d_plain)
+    ):
+        return ("", ""), ()  # every name of the smaller side already agrees: nothing to find
     s_views = {p: v for p in _candidates(s_plain) if (v := _reduce(s_plain, p)) is not None}
     d_views = {p: v for p in _candidates(d_plain) if (v := _reduce(d_plain, p)) is not None}
     scored: list[tuple[int, int, str, str, frozenset[tuple[str, str]]]] = []

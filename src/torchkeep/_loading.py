@@ -126,17 +126,24 @@ class Loader:
         source: the opened file.
         entry: the chosen tensor dict.
         plan: how the file's names pair with the model's.
-        skipped: names left out by include/exclude (either side).
+        state: ``model.state_dict(keep_vars=True)``.
     """
 
-    def __init__(self, model: torch.nn.Module, source: Any, entry: str, plan: KeyPlan) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        source: Any,
+        entry: str,
+        plan: KeyPlan,
+        state: Mapping[str, Any],
+    ) -> None:
         self.model = model
         self.source = source
         self.entry = entry
         self.plan = plan
         self.infos: Mapping[str, TensorInfo] = source.entries()[entry]
         self.values: dict[str, Any] = source.values(entry)
-        self.state = model.state_dict(keep_vars=True)
+        self.state = state
         self.tensors = {n: v for n, v in self.state.items() if isinstance(v, torch.Tensor)}
         self.prefixes = custom_modules(model, self.state)
         self.skipped = set(plan.skipped)

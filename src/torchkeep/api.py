@@ -409,6 +409,7 @@ def _plan(
     source: Source,
     entry: str,
     state: Mapping[str, Any],
+    dest_shapes: Mapping[str, tuple[int, ...]],
     rules: Mapping[str, Any],
 ) -> KeyPlan:
     infos = source.entries()[entry]
@@ -417,19 +418,22 @@ def _plan(
         names,
         list(state),
         source_shapes={name: info.shape for name, info in infos.items()},
-        dest_shapes=_shapes(state),
+        dest_shapes=dest_shapes,
         **rules,
     )
 
 
 def _choose_for_model(
-    source: Source, state: Mapping[str, Any], entry: str | None, rules: Mapping[str, Any]
+    source: Source,
+    state: Mapping[str, Any],
+    dest_shapes: Mapping[str, tuple[int, ...]],
+    entry: str | None,
+    rules: Mapping[str, Any],
 ) -> Choice:
     """The entry whose names and shapes match the most of the model; rank and convention
     break ties (see :mod:`torchkeep._entries`)."""
     if entry is not None or len(source.entries()) <= 1:
         return choose_entry(source, entry)
-    dest_shapes = _shapes(state)
 
     def match(infos: Mapping[str, Any]) -> int:
         try:
@@ -447,7 +451,7 @@ def _choose_for_model(
     choice = choose_entry(source, match=match)
     if rules.get("rename") is not None:
         plain = dict(rules, rename=None)
-        without = _choose_for_model(source, state, None, plain)
+        without = _choose_for_model(source, state, dest_shapes, None, plain)
         if without.entry != choice.entry:
             warnings.warn(
                 f"rename= changed which tensor dict of {source.path!r} is loaded: "
@@ -629,11 +633,12 @@ def load(
     with _open(
         path, device=read_device, trust=trust, allow_globals=allow_globals, mmap=True
     ) as source:
-        choice = _choose_for_model(source, state, entry, rules)
+        dest_shapes = _shapes(state)
+        choice = _choose_for_model(source, state, dest_shapes, entry, rules)
         chosen = choice.entry
-        plan = _plan(source, chosen, state, rules)
+        plan = _plan(source, chosen, state, dest_shapes, rules)
         _check_patterns(plan, state, include, exclude)
-        loader = Loader(model, source, chosen, plan)
+        loader = Loader(model, source, chosen, plan, state)
         outcome = loader.check(trial=strict, assign=assign)
         if strict and not outcome.ok:
             refused = dataclasses.replace(
