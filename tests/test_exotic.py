@@ -11,6 +11,7 @@ torch.save / torch.load(weights_only=True) and the safetensors library's own fun
 
 from __future__ import annotations
 
+import collections
 import json
 import struct
 import subprocess
@@ -762,3 +763,75 @@ def test_a_damaged_sparse_part_in_a_checkpoint_is_refused(tmp_path: Path) -> Non
     manifest.write_text(json.dumps(document))
     with pytest.raises(tk.CorruptFileError, match=r"extra\.s.*inconsistent"):
         tk.load_checkpoint(tmp_path / "ckpt")
+
+
+class _BadZeroPoints:
+    """Pickles a per-channel quantized tensor whose zero points lie outside qint8's range."""
+
+    def __init__(self, zeros: list[int]) -> None:
+        self.zeros = zeros
+
+    def __reduce__(self) -> tuple[object, ...]:
+        storage = torch.storage.TypedStorage(
+            wrap_storage=torch.zeros(4, dtype=torch.int8).untyped_storage(),
+            dtype=torch.qint8,
+            _internal=True,
+        )
+        params = (
+            torch.per_channel_affine,
+            torch.ones(2, dtype=torch.float64),
+            torch.tensor(self.zeros),
+            0,
+        )
+        return (
+            torch._utils._rebuild_qtensor,
+            (storage, 0, (2, 2), (2, 1), params, False, collections.OrderedDict()),
+        )
+
+
+def test_per_channel_zero_points_outside_the_dtype_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "q.pt"
+    torch.save({"q": _BadZeroPoints([0, 3840])}, path)
+    # torch builds the tensor and fails only when it is used
+    loaded = torch.load(path, weights_only=True)["q"]
+    with pytest.raises(RuntimeError, match="zero_point"):
+        loaded.dequantize()
+    with pytest.raises(tk.CorruptFileError, match="zero point"):
+        tk.load_state_dict(path)
+    torch.save({"q": _BadZeroPoints([0, 5])}, path)
+    assert torch.equal(tk.load_state_dict(path)["q"].int_repr(), loaded.int_repr())
+
+
+class _BadPerTensor:
+    """Pickles a per-tensor quantized tensor with the given scale and zero point."""
+
+    def __init__(self, scale: float, zero: int) -> None:
+        self.scale, self.zero = scale, zero
+
+    def __reduce__(self) -> tuple[object, ...]:
+        storage = torch.storage.TypedStorage(
+            wrap_storage=torch.zeros(4, dtype=torch.uint8).untyped_storage(),
+            dtype=torch.quint8,
+            _internal=True,
+        )
+        params = (torch.per_tensor_affine, self.scale, self.zero)
+        return (
+            torch._utils._rebuild_qtensor,
+            (storage, 0, (2, 2), (2, 1), params, False, collections.OrderedDict()),
+        )
+
+
+@pytest.mark.parametrize(
+    ("scale", "zero", "why"),
+    [(0.1, 300, "zero point is 300"), (0.1, 1 << 70, "zero point"), (float("nan"), 3, "scale")],
+)
+def test_per_tensor_quantizer_parameters_are_checked(
+    tmp_path: Path, scale: float, zero: int, why: str
+) -> None:
+    path = tmp_path / "q.pt"
+    torch.save({"q": _BadPerTensor(scale, zero)}, path)
+    with pytest.raises(tk.CorruptFileError, match=why):
+        tk.load_state_dict(path)
+    torch.save({"q": _BadPerTensor(0.5, 7)}, path)
+    good = tk.load_state_dict(path)["q"]
+    assert good.q_zero_point() == 7 and good.q_scale() == 0.5

@@ -16,7 +16,7 @@ import re
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -25,6 +25,8 @@ from torchkeep._stubs import StubObject, derived_stub, stub_class
 from torchkeep._tensor_parts import (
     QUANTIZED_DTYPES,
     SPARSE_LAYOUTS,
+    check_channel_qparams,
+    check_tensor_qparams,
     nested_from_buffer,
     sparse_from_parts,
 )
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from torchkeep._pickle_rules import SafeRules
 
 Checker = Callable[["SafeRules", tuple[Any, ...]], Any]
+_T = TypeVar("_T")
 
 
 class AttributeDict(dict[str, Any]):
@@ -240,6 +243,8 @@ def rebuild_qtensor(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tensor:
     if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
         if len(params) != 3 or type(params[1]) is not float or type(params[2]) is not int:
             raise Refusal("per-tensor quantizer parameters are not (scheme, scale, zero point)")
+        if storage._untyped_storage.device.type != "meta":
+            _built(lambda: check_tensor_qparams(storage.dtype, params[1], params[2]))
     elif scheme in (
         torch.per_channel_affine,
         torch.per_channel_symmetric,
@@ -251,6 +256,8 @@ def rebuild_qtensor(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tensor:
         axis = int_(params[3], "a quantization axis", high=max(len(size) - 1, 0))
         if size and not params[1].numel() == params[2].numel() == size[axis]:
             raise Refusal("per-channel scales do not match the tensor", corrupt=True)
+        if storage._untyped_storage.device.type != "meta":
+            _built(lambda: check_channel_qparams(storage.dtype, scheme, params[1], params[2]))
     else:
         raise Refusal(f"unknown quantization scheme {scheme!r}")
     if type(args[5]) is not bool:
@@ -316,7 +323,8 @@ def rebuild_from_type_v2(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tenso
     return result  # type: ignore[no-any-return]
 
 
-def _built(build: Callable[[], torch.Tensor]) -> torch.Tensor:
+def _built(build: Callable[[], _T]) -> _T:
+    """``build()``, a file's impossible facts (``ValueError``) becoming a corrupt refusal."""
     try:
         return build()
     except ValueError as exc:

@@ -8,6 +8,7 @@ tensor has) lives here too, so both directions read as one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -204,6 +205,61 @@ def jagged_from_parts(
     )
 
 
+# quint4x2 and quint2x4 pack two and four values into each byte.
+_PACKED_BITS = {
+    getattr(torch, name): bits
+    for name, bits in (("quint4x2", 4), ("quint2x4", 2))
+    if hasattr(torch, name)
+}
+
+
+def _zero_range(dtype: torch.dtype) -> tuple[int, int]:
+    if dtype in _PACKED_BITS:
+        return 0, (1 << _PACKED_BITS[dtype]) - 1
+    if dtype == torch.qint8:
+        return -128, 127
+    if dtype == torch.qint32:
+        return -(1 << 31), (1 << 31) - 1
+    return 0, 255
+
+
+def check_channel_qparams(
+    dtype: torch.dtype, qscheme: object, scales: torch.Tensor, zeros: torch.Tensor
+) -> None:
+    """Per-channel scales finite and positive; zero points finite (float ones) or inside the
+    dtype's range (integer ones). torch builds a tensor from others and fails only when the
+    tensor is used.
+
+    Raises:
+        CorruptFileError: parameters no quantized tensor can have.
+    """
+    if not scales.is_floating_point() or not bool(((scales > 0) & scales.isfinite()).all()):
+        raise CorruptFileError("quantization scales are not finite positive numbers")
+    if qscheme == torch.per_channel_affine_float_qparams or zeros.is_floating_point():
+        if not zeros.is_floating_point() or not bool(zeros.isfinite().all()):
+            raise CorruptFileError("quantization zero points are not finite numbers")
+        return
+    low, high = _zero_range(dtype)
+    if zeros.is_complex() or (
+        zeros.numel() and not (low <= int(zeros.min()) and int(zeros.max()) <= high)
+    ):
+        raise CorruptFileError(
+            f"quantization zero points lie outside {low}..{high}, the range of {dtype}"
+        )
+
+
+def check_tensor_qparams(dtype: torch.dtype, scale: float, zero_point: int) -> None:
+    """:func:`check_channel_qparams` for a per-tensor scale and zero point."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise CorruptFileError(f"a quantization scale is {scale!r}, not a finite positive number")
+    low, high = _zero_range(dtype)
+    if not low <= zero_point <= high:
+        raise CorruptFileError(
+            f"a quantization zero point is {zero_point}, outside {low}..{high}, the range of "
+            f"{dtype}"
+        )
+
+
 def quantized_template(
     dtype: object,
     shape: object,
@@ -228,6 +284,7 @@ def quantized_template(
         if type(scale) not in (float, int) or type(zero_point) is not int:
             raise CorruptFileError("a quantized tensor's scale or zero point is not a number")
         assert isinstance(scale, (float, int))
+        check_tensor_qparams(dtype, scale, zero_point)
         return _torch_checked(
             lambda: torch._empty_affine_quantized(  # type: ignore[attr-defined]
                 size,
@@ -245,6 +302,7 @@ def quantized_template(
         raise CorruptFileError(f"a quantized tensor's axis is {axis!r}")
     if scales.shape != (size[axis],) or zeros.shape != (size[axis],):
         raise CorruptFileError("a quantized tensor's scales do not match its channels")
+    check_channel_qparams(dtype, qscheme, scales, zeros)
     return _torch_checked(
         lambda: torch._empty_per_channel_affine_quantized(  # type: ignore[attr-defined]
             size, scales=scales, zero_points=zeros, axis=axis, dtype=dtype
