@@ -771,3 +771,24 @@ def test_process_convert_then_verify(tmp_path: Path) -> None:
     result = run_process("verify", out)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "9 checksums verified" in result.stdout
+
+
+def test_convert_takes_the_tutorial_weights_not_the_loss(tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 2)
+    source = tmp_path / "tutorial.pt"
+    torch.save(
+        {"epoch": 3, "model_state_dict": model.state_dict(), "loss": torch.tensor(0.5)}, source
+    )
+    out = tmp_path / "w.safetensors"
+    result = run("convert", source, out)
+    assert result.exit_code == 0, result.output
+    assert "model_state_dict" in result.output
+    written = tk.load_state_dict(out)
+    assert set(written) == {"weight", "bias"} and torch.equal(written["weight"], model.weight)
+    scalars = tmp_path / "metrics.pt"
+    torch.save({"loss": torch.tensor(0.5), "epoch": 3}, scalars)
+    result = run("convert", scalars, tmp_path / "m.safetensors")
+    assert result.exit_code != 0 and "no model weights" in result.output
+    assert "--extract ''" in result.output
+    assert not (tmp_path / "m.safetensors").exists()
+    assert run("convert", scalars, tmp_path / "m.safetensors", "--extract", "").exit_code == 0

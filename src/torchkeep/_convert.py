@@ -241,8 +241,8 @@ def convert(
             held = ", ".join(repr(n) for n in list(reader.entries()[chosen])[:6])
             raise InvalidStateError(
                 f"{str(src)!r} holds no model weights: the only tensors found are training "
-                f"state ({held}) in {chosen or 'its top level'!r}; pass entry= to convert them "
-                "anyway"
+                f"state ({held}) in {chosen or 'its top level'!r}; to convert them anyway, "
+                f"name that entry: entry={chosen!r} (torchkeep convert --extract {chosen!r})"
             )
         packed = list(reader.values(chosen))
         if packed:
