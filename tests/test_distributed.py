@@ -76,7 +76,7 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_latest(
 def test_two_rank_fsdp_checkpoint_restores_on_one_process(runs: dict[str, Path]) -> None:
     model = dist_worker.build()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.5)
-    with pytest.warns(RuntimeWarning, match="RNG states of 2 ranks and this run has 1"):
+    with pytest.warns(tk.TorchkeepWarning, match="RNG states of 2 ranks and this run has 1"):
         extra = tk.CheckpointManager(runs["fsdp"]).restore(model=model, optimizer=optimizer)
     assert extra == {"epoch": 1}
     expected = tk.load_state_dict(runs["ref"] / "fsdp.safetensors")
@@ -92,7 +92,7 @@ def test_ddp_checkpoint_saved_by_three_ranks_restores_on_one(runs: dict[str, Pat
     assert mgr.steps() == [7]
     model = dist_worker.build()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.0)
-    with pytest.warns(RuntimeWarning, match="RNG states of 3 ranks"):
+    with pytest.warns(tk.TorchkeepWarning, match="RNG states of 3 ranks"):
         assert mgr.restore(model=model, optimizer=optimizer) == {"note": "ddp"}
     expected = tk.load_state_dict(runs["ref"] / "ddp.safetensors")
     for name, value in model.state_dict().items():

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from torchkeep._common import parse_size
+from torchkeep._entries import choose_entry
 from torchkeep._keys import apply_rename
 from torchkeep._tensors import (
     FLOAT4,
@@ -32,7 +34,6 @@ from torchkeep._tensors import (
     to_cpu_contiguous,
     xxh3,
 )
-from torchkeep.api import choose_entry, parse_size
 from torchkeep.errors import (
     CorruptFileError,
     InvalidArgumentError,

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from torchkeep import _state
+from torchkeep._common import COMMIT_MARKERS
 from torchkeep._dcp_convert import dcp_to_safetensors, safetensors_to_dcp
 from torchkeep._dcp_io import (
     FORMAT,
@@ -62,9 +63,9 @@ from torchkeep._dcp_io import (
 from torchkeep._manifest import manifest_header
 from torchkeep._tree import Unflattener, map_tensors
 from torchkeep.checkpoint import _check_name
-from torchkeep.errors import InvalidStateError, KeyMismatchError
+from torchkeep.errors import InvalidStateError, KeyMismatchError, TorchkeepWarning
 from torchkeep.storage.local import atomic_dir
-from torchkeep.storage.remote import COMMIT_MARKERS, RemoteFolder, split_url
+from torchkeep.storage.remote import RemoteFolder, split_url
 
 Group = Any  # a torch.distributed ProcessGroup, or None for the default one
 
@@ -365,22 +366,16 @@ def restore(
         warnings.warn(
             f"checkpoint {str(location)!r} holds the RNG states of {len(rng_nodes)} ranks and "
             f"this run has {_world(group)}; ranks without a saved state keep their own",
-            RuntimeWarning,
+            TorchkeepWarning,
             stacklevel=3,
         )
     return out
-
-
-def is_committed_dcp(path: Path) -> bool:
-    """Whether a local folder is a committed torchkeep DCP checkpoint."""
-    return (path / MARKER).is_file()
 
 
 __all__ = [
     "DcpSnapshot",
     "dcp_to_safetensors",
     "group_active",
-    "is_committed_dcp",
     "is_distributed_module",
     "restore",
     "safetensors_to_dcp",

@@ -22,11 +22,13 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from torchkeep._dcp_io import Location, quiet, reader, tensor_infos, writer
-from torchkeep._locate import writable
+from torchkeep._entries import default_entry
+from torchkeep._locate import readable, writable
 from torchkeep._tensors import NAME_FROM_DTYPE, byte_view, dtype_name, xxh3
 from torchkeep.errors import CheckpointNotFoundError, UnsupportedTensorError
 from torchkeep.formats._base import OpenOptions, WriteRequest
 from torchkeep.formats._guard import reading
+from torchkeep.formats.registry import open_source
 from torchkeep.formats.safetensors import build_header
 from torchkeep.storage.local import atomic_dir, atomic_file
 from torchkeep.storage.remote import is_remote
@@ -151,10 +153,6 @@ def safetensors_to_dcp(
     Returns:
         ``dst``.
     """
-    from torchkeep._locate import readable
-    from torchkeep.api import default_entry
-    from torchkeep.formats.registry import open_source
-
     lead = f"{prefix.rstrip('.')}." if prefix else ""
     with readable(src) as local, open_source(local, OpenOptions()) as source:
         entry = default_entry(source)

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from torchkeep import _json
+from torchkeep._common import DCP_MARKER
 from torchkeep._contain import check_name, member
 from torchkeep._manifest import check_format
 from torchkeep._tensors import TensorInfo, dtype_name, numel
@@ -42,7 +43,7 @@ from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, Unsuppor
 from torchkeep.storage.remote import RemoteFolder, split_url
 
 METADATA_FILE = ".metadata"
-MARKER = "torchkeep-dcp.json"
+MARKER = DCP_MARKER
 FORMAT = "torchkeep-dcp"
 VERSION = 1
 Location = Path | str
@@ -276,11 +277,6 @@ def writer(location: Location, options: Mapping[str, Any] | None = None) -> File
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
     return FsspecWriter(location, sync_files=True, **dict(options or {}))
-
-
-def is_dcp_folder(path: Path) -> bool:
-    """Whether ``path`` is a DCP folder (it holds ``.metadata``)."""
-    return path.is_dir() and (path / METADATA_FILE).is_file()
 
 
 def tensor_infos(metadata: Metadata) -> dict[str, TensorInfo]:

@@ -17,9 +17,9 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from torchkeep._entries import default_entry
 from torchkeep._keys import plan_keys
 from torchkeep._tensors import TensorInfo, dtype_name, to_cpu_contiguous, xxh3
-from torchkeep.api import default_entry
 from torchkeep.formats._base import OpenOptions, Source
 from torchkeep.formats.registry import open_source
 

@@ -25,9 +25,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from torchkeep._tensors import TensorInfo
 from torchkeep.errors import CorruptFileError, EntryNotFoundError
+
+if TYPE_CHECKING:
+    from torchkeep.formats._base import Source
 
 BOOKKEEPING = "__torchkeep__"
 
@@ -204,4 +208,35 @@ def _ordered(
     )
 
 
-__all__ = ["BOOKKEEPING", "CONVENTIONAL", "NOT_WEIGHTS", "Choice", "choose", "rank", "segments"]
+def _pure_root(source: Source) -> bool:
+    return "" in source.entries() and not source.extras
+
+
+def choose_entry(
+    source: Source,
+    entry: str | None = None,
+    *,
+    match: Any = None,
+) -> Choice:
+    """The tensor dict of ``source`` holding the weights (see :mod:`torchkeep._entries`)."""
+    return choose(
+        source.entries(), pure_root=_pure_root(source), where=source.path, entry=entry, match=match
+    )
+
+
+def default_entry(source: Source, entry: str | None = None) -> str:
+    """The entry holding the weights when there is no model to match against."""
+    return choose_entry(source, entry).entry
+
+
+__all__ = [
+    "BOOKKEEPING",
+    "CONVENTIONAL",
+    "NOT_WEIGHTS",
+    "Choice",
+    "choose",
+    "choose_entry",
+    "default_entry",
+    "rank",
+    "segments",
+]

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from torchkeep._common import PathLike, unwrap
 from torchkeep._model import warn_if_training
-from torchkeep.api import PathLike, unwrap
 from torchkeep.errors import ExportError, InvalidArgumentError, InvalidStateError, TorchkeepWarning
 from torchkeep.storage.local import atomic_file
 

@@ -28,11 +28,12 @@ import torch
 
 from torchkeep import _json
 from torchkeep._assign import check_floating
+from torchkeep._common import PathLike, unwrap
 from torchkeep._contain import member
 from torchkeep._device import check_device
 from torchkeep._stubs import find_stubs, is_module_like
 from torchkeep._unpickle import safe_torch_load
-from torchkeep.api import PathLike, load, save, state_of, unwrap
+from torchkeep.api import load, save, state_of
 from torchkeep.errors import (
     CorruptFileError,
     InvalidArgumentError,

@@ -23,10 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchkeep._common import unwrap
 from torchkeep._keys import plan_keys, strip_compile_segments
 from torchkeep._stubs import find_stubs, is_module_like, module_state_dict
-from torchkeep.api import unwrap
-from torchkeep.errors import CorruptFileError, InvalidStateError, KeyMismatchError
+from torchkeep.errors import (
+    CorruptFileError,
+    InvalidStateError,
+    KeyMismatchError,
+    TorchkeepWarning,
+)
 
 
 def _is_stateful(value: object) -> bool:
@@ -372,7 +377,7 @@ def restore_rng(state: Mapping[str, Any]) -> None:
             warnings.warn(
                 "the checkpoint holds CUDA RNG states but CUDA is not available here; they "
                 "were not restored",
-                RuntimeWarning,
+                TorchkeepWarning,
                 stacklevel=3,
             )
             return
@@ -383,7 +388,7 @@ def restore_rng(state: Mapping[str, Any]) -> None:
             warnings.warn(
                 f"the checkpoint holds RNG states of {len(cuda)} CUDA devices and this machine "
                 f"has {count}; the first {min(count, len(cuda))} were restored",
-                RuntimeWarning,
+                TorchkeepWarning,
                 stacklevel=3,
             )
 

@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from torchkeep import _json
+from torchkeep._common import COMMIT_MARKERS, DCP_MARKER, MANIFEST, TEMP_MARKER
 from torchkeep._contain import member
-from torchkeep.checkpoint import MANIFEST, Snapshot, read_manifest, write_native
-from torchkeep.errors import CorruptFileError
+from torchkeep.checkpoint import Snapshot, read_manifest, write_native
+from torchkeep.errors import CorruptFileError, TorchkeepWarning
 from torchkeep.io.recycle import RecycleBin
-from torchkeep.storage.local import TEMP_MARKER, temp_sibling
-from torchkeep.storage.remote import COMMIT_MARKERS, RemoteFolder, downloaded, uploaded
+from torchkeep.storage.local import temp_sibling
+from torchkeep.storage.remote import RemoteFolder, downloaded, uploaded
 
-DCP_MARKER = "torchkeep-dcp.json"
 STEP_DIR = re.compile(r"step-(\d+)")
 Location = Path | str
 Writer = Callable[..., Path]
@@ -162,7 +162,9 @@ class LocalSteps:
             hidden = temp_sibling(path)
             os.replace(path, hidden)
         except OSError as exc:
-            warnings.warn(f"retention could not delete {path}: {exc}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"retention could not delete {path}: {exc}", TorchkeepWarning, stacklevel=2
+            )
             return
         if self.recycle is not None:
             self.recycle.retire(hidden)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import inspect as _pyinspect
 import os
-import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -22,8 +21,9 @@ from torchkeep._assign import (
     retie,
     warn_meta_left,
 )
+from torchkeep._common import PathLike, parse_size, unwrap
 from torchkeep._device import check_device, check_devices
-from torchkeep._entries import Choice, choose
+from torchkeep._entries import Choice, choose_entry, default_entry
 from torchkeep._info import CheckpointInfo
 from torchkeep._keys import (
     KeyPlan,
@@ -57,21 +57,9 @@ from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 from torchkeep.formats.registry import for_writing, open_source
 from torchkeep.storage.local import atomic_dir, atomic_file
 
-PathLike = str | os.PathLike[str]
 Device = str | torch.device | Mapping[str, str] | None
 
 # --------------------------------------------------------------------------------------- save
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DataParallel, DistributedDataParallel and ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-            module = module.module
-        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, torch.nn.Module):
-            module = module._orig_mod
-        else:
-            return module
 
 
 def state_of(obj: object) -> dict[str, torch.Tensor]:
@@ -123,30 +111,6 @@ def state_of(obj: object) -> dict[str, torch.Tensor]:
             )
         )
     return state
-
-
-def parse_size(size: int | str) -> int:
-    """``"500MB"``, ``"2GB"``, ``"1GiB"`` or a byte count -> bytes.
-
-    Raises:
-        InvalidArgumentError: not a positive byte count or a size such as ``"2GB"``.
-    """
-    if isinstance(size, bool) or not isinstance(size, int | str):
-        raise InvalidArgumentError(
-            f"a size is a byte count or text such as '500MB' or '2GB', got a "
-            f"{type(size).__name__} {size!r}"
-        )
-    if isinstance(size, int):
-        if size <= 0:
-            raise InvalidArgumentError(f"shard size must be positive, got {size}")
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b)?\s*", size.lower())
-    if not match:
-        raise InvalidArgumentError(f"cannot read size {size!r}; write it like '500MB' or '2GB'")
-    number, unit = float(match.group(1)), match.group(2) or "b"
-    base = 1024 if "i" in unit else 1000
-    power = "bkmgt".index(unit[0]) if unit[0] != "b" else 0
-    return int(number * base**power)
 
 
 def _compact(tensor: torch.Tensor) -> torch.Tensor:
@@ -296,27 +260,6 @@ def _open(
         mmap=mmap,
     )
     return open_source(Path(where), options)
-
-
-def _pure_root(source: Source) -> bool:
-    return "" in source.entries() and not source.extras
-
-
-def choose_entry(
-    source: Source,
-    entry: str | None = None,
-    *,
-    match: Any = None,
-) -> Choice:
-    """The tensor dict of ``source`` holding the weights (see :mod:`torchkeep._entries`)."""
-    return choose(
-        source.entries(), pure_root=_pure_root(source), where=source.path, entry=entry, match=match
-    )
-
-
-def default_entry(source: Source, entry: str | None = None) -> str:
-    """The entry holding the weights when there is no model to match against."""
-    return choose_entry(source, entry).entry
 
 
 def load_state_dict(

@@ -26,6 +26,7 @@ import torch
 import xxhash
 
 from torchkeep import _json, _state
+from torchkeep._common import MANIFEST, OBJECTS, TEMP_MARKER, parse_size
 from torchkeep._contain import check_name, member
 from torchkeep._device import check_device
 from torchkeep._manifest import check_format, manifest_header, now, number, plain_json
@@ -40,7 +41,6 @@ from torchkeep._tree import (
     to_torch_plain,
 )
 from torchkeep._unpickle import safe_torch_load
-from torchkeep.api import parse_size
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
@@ -57,14 +57,12 @@ from torchkeep.formats.safetensors import SafetensorsSource
 from torchkeep.io.recycle import RecycleBin
 from torchkeep.io.shards import frozen_names, write_shards
 from torchkeep.io.write import write_all
-from torchkeep.storage.local import TEMP_MARKER, atomic_dir, atomic_file, temp_sibling
+from torchkeep.storage.local import atomic_dir, atomic_file, temp_sibling
 
 PathLike = str | os.PathLike[str]
 
 FORMAT = "torchkeep-checkpoint"
 VERSION = 1
-MANIFEST = "checkpoint.json"
-OBJECTS = "objects.pkl"
 PT_META = "__torchkeep__"
 DEFAULT_SHARD_SIZE = "256MB"
 _PT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar")

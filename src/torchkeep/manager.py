@@ -21,13 +21,12 @@ from typing import Any, Literal
 
 import torch
 
+from torchkeep._common import MANIFEST, parse_size
 from torchkeep._device import check_device
 from torchkeep._steps import LocalSteps, Location, RemoteSteps, Steps
 from torchkeep._tree import Unflattener
-from torchkeep.api import parse_size
 from torchkeep.checkpoint import (
     DEFAULT_SHARD_SIZE,
-    MANIFEST,
     Snapshot,
     StagingPool,
     load_checkpoint,
@@ -41,6 +40,7 @@ from torchkeep.errors import (
     InvalidStateError,
     ManagerClosedError,
     TorchkeepError,
+    TorchkeepWarning,
 )
 from torchkeep.io.recycle import BIN_NAME, RecycleBin
 from torchkeep.retention import (
@@ -280,6 +280,7 @@ class CheckpointManager:
                         "distributed checkpoints hold no pickle: drop allow_pickle=True, or "
                         "make the values JSON-friendly"
                     )
+                # torch.distributed.checkpoint is slow to import; only distributed runs need it.
                 from torchkeep import _dcp
 
                 dist_snapshot = _dcp.take_snapshot(
@@ -467,7 +468,7 @@ class CheckpointManager:
             if verify:
                 warnings.warn(
                     "verify=True has no effect on distributed checkpoints: DCP stores no checksums",
-                    RuntimeWarning,
+                    TorchkeepWarning,
                     stacklevel=2,
                 )
             return _dcp.restore(

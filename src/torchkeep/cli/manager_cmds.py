@@ -9,7 +9,7 @@ from typing import Any
 import click
 from rich.text import Text
 
-from torchkeep.checkpoint import MANIFEST
+from torchkeep._common import COMMIT_MARKERS
 from torchkeep.cli._app import debug_option, json_option
 from torchkeep.cli._output import console, emit_json, human_bytes, print_columns
 from torchkeep.errors import CheckpointNotFoundError
@@ -58,7 +58,7 @@ def _created(path: Path | str) -> str:
     if isinstance(path, str):
         return ""
     # Native checkpoints have checkpoint.json; distributed ones torchkeep-dcp.json.
-    for marker in (MANIFEST, "torchkeep-dcp.json"):
+    for marker in COMMIT_MARKERS:
         try:
             value = json.loads((path / marker).read_text()).get("created", "")
         except (OSError, ValueError):

@@ -138,7 +138,6 @@ class Format(Protocol):
     """One on-disk format."""
 
     name: str
-    suffixes: tuple[str, ...]
     is_folder: bool
 
     def sniff(self, path: Path, head: bytes) -> bool:

@@ -28,6 +28,7 @@ class DcpSource(Source):
     """The tensors of a DCP folder, read one at a time."""
 
     def __init__(self, path: Path, options: OpenOptions) -> None:
+        # torch.distributed.checkpoint takes most of a second to import: only DCP folders pay.
         from torchkeep._dcp_io import MARKER, SafeReader, read_marker, tensor_infos, tensor_names
 
         super().__init__(str(path), "torch-distributed-checkpoint")
@@ -93,7 +94,6 @@ class DcpFormat:
     """A folder holding DCP's ``.metadata``."""
 
     name: str = "torch-distributed-checkpoint"
-    suffixes: tuple[str, ...] = ()
     is_folder: bool = True
 
     def sniff(self, path: Path, head: bytes) -> bool:

@@ -14,19 +14,17 @@ from typing import Any
 
 import torch
 
+from torchkeep._common import MANIFEST
 from torchkeep._tensors import TensorInfo, numel
+from torchkeep.checkpoint import NativeCheckpoint
 from torchkeep.errors import CorruptFileError, UnknownFormatError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
-
-MANIFEST = "checkpoint.json"
 
 
 class NativeSource(Source):
     """The module entries of a committed native checkpoint."""
 
     def __init__(self, path: Path, options: OpenOptions) -> None:
-        from torchkeep.checkpoint import NativeCheckpoint  # the checkpoint layer builds on this
-
         super().__init__(str(path), "torchkeep-checkpoint")
         self._device = options.device
         self._checkpoint = NativeCheckpoint(path)
@@ -72,8 +70,6 @@ class NativeSource(Source):
         return tensor if self._device == "cpu" else tensor.to(self._device)
 
     def verify(self, entry: str | None = None) -> None:
-        from torchkeep.checkpoint import NativeCheckpoint
-
         with NativeCheckpoint(Path(self.path), verify=True) as checked:
             checked.verify_rest()
 
@@ -152,7 +148,6 @@ class NativeFormat:
     """A folder holding ``checkpoint.json``."""
 
     name: str = "torchkeep-checkpoint"
-    suffixes: tuple[str, ...] = ()
     is_folder: bool = True
 
     def sniff(self, path: Path, head: bytes) -> bool:

@@ -508,7 +508,6 @@ class Pt2Format:
     """``torch.export.save`` archives (``.pt2``): their weights, never their program."""
 
     name: str = "torch-export"
-    suffixes: tuple[str, ...] = (".pt2",)
     is_folder: bool = False
 
     def sniff(self, path: Path, head: bytes) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from torchkeep._common import TEMP_MARKER
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptFileError,
@@ -170,6 +171,6 @@ def _folder_hint(path: Path) -> str:
             f". It looks like a CheckpointManager folder ({len(steps)} step folders); load one "
             f"of them, e.g. {str(path / steps[-1])!r}, or use CheckpointManager(path).restore()"
         )
-    if any(p.name.startswith(".") and "tmp-torchkeep" in p.name for p in path.iterdir()):
+    if any(p.name.startswith(".") and TEMP_MARKER in p.name for p in path.iterdir()):
         return ". It holds only unfinished temporary files from an interrupted save"
     return ""

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 
 from torchkeep import _json
 from torchkeep._tensors import (
@@ -331,10 +330,6 @@ class SafetensorsSource(Source):
                     f"{self._data_start + spec.begin} to {self._data_start + spec.end})"
                 )
 
-    @property
-    def has_checksums(self) -> bool:
-        return bool(self._checksums)
-
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -419,7 +414,6 @@ def build_header(
 
 class SafetensorsFormat:
     name: str = "safetensors"
-    suffixes: tuple[str, ...] = (".safetensors",)
     is_folder: bool = False
 
     def sniff(self, path: Path, head: bytes) -> bool:
@@ -465,8 +459,3 @@ def file_plan(
         return build_header(request, dict(checksums))[0]
 
     return FilePlan(path, len(header), make_header, slots, dict(known or {}), reuse)
-
-
-def checksum_bytes(data: bytes) -> str:
-    """xxh3-64 of raw bytes, the same digest ``xxh3`` gives for a tensor holding them."""
-    return xxhash.xxh3_64_hexdigest(data)

@@ -207,7 +207,6 @@ class ShardedFormat:
     """A folder holding ``*.index.json`` and its shards."""
 
     name: str = "sharded"
-    suffixes: tuple[str, ...] = ()
     is_folder: bool = True
 
     def __init__(self, opener: Callable[[Path, OpenOptions], Source]) -> None:

@@ -172,7 +172,6 @@ class TorchZipFormat:
     """``torch.save``'s default zip layout (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ...)."""
 
     name: str = "torch-zip"
-    suffixes: tuple[str, ...] = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
     is_folder: bool = False
 
     def sniff(self, path: Path, head: bytes) -> bool:
@@ -208,7 +207,6 @@ class TorchLegacyFormat:
     """``torch.save(..., _use_new_zipfile_serialization=False)``: consecutive pickles."""
 
     name: str = "torch-legacy"
-    suffixes: tuple[str, ...] = (".pt", ".pth", ".bin", ".pkl")
     is_folder: bool = False
 
     def sniff(self, path: Path, head: bytes) -> bool:
@@ -233,7 +231,6 @@ class PlainPickleFormat:
     """``pickle.dump`` of tensors or a dict of them (protocol 2 or newer)."""
 
     name: str = "pickle"
-    suffixes: tuple[str, ...] = (".pkl", ".pickle")
     is_folder: bool = False
 
     def sniff(self, path: Path, head: bytes) -> bool:

@@ -246,7 +246,6 @@ class TorchScriptFormat:
     """``torch.jit.save`` archives (``.pt``, ``.ts``): their weights, never their code."""
 
     name: str = "torchscript"
-    suffixes: tuple[str, ...] = (".ts", ".pt", ".torchscript", ".ptl")
     is_folder: bool = False
 
     def sniff(self, path: Path, head: bytes) -> bool:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from torchkeep import _json
+from torchkeep._common import MANIFEST
 from torchkeep._contain import member
 from torchkeep._tensors import byte_view, dtype_name
 from torchkeep.errors import UnsafeFileError
@@ -30,8 +31,6 @@ from torchkeep.formats._base import WriteRequest
 from torchkeep.formats.safetensors import file_plan
 from torchkeep.io.recycle import RecycleBin
 from torchkeep.io.write import FilePlan, checksum_views, write_files
-
-MANIFEST = "checkpoint.json"
 
 
 def shard_name(number: int) -> str:

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-TEMP_MARKER = ".tmp-torchkeep-"
+from torchkeep._common import TEMP_MARKER
 
 
 def fsync_dir(path: Path) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from torchkeep._common import COMMIT_MARKERS
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
@@ -31,7 +32,6 @@ _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 # Schemes served by torchkeep's own HTTP download (a cache, hash checks) rather than fsspec.
 HTTP_SCHEMES = ("http", "https")
 # Files whose presence makes a folder a committed checkpoint; uploaded last, deleted first.
-COMMIT_MARKERS = ("checkpoint.json", "torchkeep-dcp.json")
 
 
 def scheme(path: object) -> str | None:

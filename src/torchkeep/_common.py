@@ -1,0 +1,74 @@
+"""Names every layer shares, in a module that imports nothing of torchkeep's.
+
+File names that mark a committed checkpoint, the marker of temporary files, the path type the
+verbs accept, byte sizes written as text, and the module inside training wrappers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from torchkeep.errors import InvalidArgumentError
+
+PathLike = str | os.PathLike[str]
+
+# A native checkpoint folder is committed when this manifest exists (written last).
+MANIFEST = "checkpoint.json"
+# A distributed (DCP) checkpoint folder is committed when this marker exists (written last).
+DCP_MARKER = "torchkeep-dcp.json"
+# Both: the files whose presence means "this folder is a complete checkpoint".
+COMMIT_MARKERS = (MANIFEST, DCP_MARKER)
+# Pickled side objects of a native checkpoint (read only with trust=True).
+OBJECTS = "objects.pkl"
+# In the names of temporary files and folders, written beside their destination.
+TEMP_MARKER = ".tmp-torchkeep-"
+
+
+def parse_size(size: int | str) -> int:
+    """``"500MB"``, ``"2GB"``, ``"1GiB"`` or a byte count -> bytes.
+
+    Raises:
+        InvalidArgumentError: not a positive byte count or a size such as ``"2GB"``.
+    """
+    if isinstance(size, bool) or not isinstance(size, int | str):
+        raise InvalidArgumentError(
+            f"a size is a byte count or text such as '500MB' or '2GB', got a "
+            f"{type(size).__name__} {size!r}"
+        )
+    if isinstance(size, int):
+        if size <= 0:
+            raise InvalidArgumentError(f"shard size must be positive, got {size}")
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b)?\s*", size.lower())
+    if not match:
+        raise InvalidArgumentError(f"cannot read size {size!r}; write it like '500MB' or '2GB'")
+    number, unit = float(match.group(1)), match.group(2) or "b"
+    base = 1024 if "i" in unit else 1000
+    power = "bkmgt".index(unit[0]) if unit[0] != "b" else 0
+    return int(number * base**power)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DataParallel, DistributedDataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, torch.nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
+__all__ = [
+    "COMMIT_MARKERS",
+    "DCP_MARKER",
+    "MANIFEST",
+    "OBJECTS",
+    "TEMP_MARKER",
+    "PathLike",
+    "parse_size",
+    "unwrap",
+]

@@ -1,0 +1,121 @@
+"""The package's import graph: no cycles, and function-local imports only to stay lazy.
+
+A function-local import of a torchkeep module is how a cycle hides; the only ones allowed keep
+``torch.distributed.checkpoint`` (most of a second to import) off the path of every other verb.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import torchkeep
+
+ROOT = Path(torchkeep.__file__).parent
+# (module, imported module): function-local imports kept lazy on purpose.
+LAZY = {
+    ("torchkeep.formats.dcp", "torchkeep._dcp_io"),
+    ("torchkeep.manager", "torchkeep._dcp"),
+}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def _imports(tree: ast.AST, modules: dict[str, Path]) -> set[str]:
+    """torchkeep modules a syntax tree imports (``from torchkeep import _json`` is the
+    submodule, not the package)."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            subs = [f"{node.module}.{alias.name}" for alias in node.names]
+            out.update(s for s in subs if s in modules)
+            if not all(s in modules for s in subs) and node.module in modules:
+                out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names if alias.name in modules)
+    return out
+
+
+def _type_checking_only(tree: ast.AST, modules: dict[str, Path]) -> set[str]:
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            out |= _imports(node, modules)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        graph[name] = _imports(tree, modules) - _type_checking_only(tree, modules) - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iteratively)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_function_local_imports_are_only_the_lazy_ones() -> None:
+    modules = _modules()
+    local: set[tuple[str, str]] = set()
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                body = ast.Module(body=node.body, type_ignores=[])
+                local |= {(name, target) for target in _imports(body, modules)}
+    assert local == LAZY
