@@ -25,7 +25,6 @@ from torchkeep import _json
 from torchkeep._contain import member
 from torchkeep._download import cached_path
 from torchkeep.checkpoint import parse_manifest
-from torchkeep.cli._verify import verify_path
 from torchkeep.formats.safetensors import parse_header
 from torchkeep.formats.sharded import parse_index
 from torchkeep.io.shards import _previous_shards
@@ -58,7 +57,7 @@ def assert_refused_quietly(
 
 
 def assert_verify_refuses(path: Path) -> None:
-    result = verify_path(path)
+    result = tk.verify(path)
     assert not result.ok, f"verify passed {path}, which a load refuses"
     assert all(str(len(SECRET)) not in p.message for p in result.problems)
 
@@ -115,7 +114,7 @@ def test_symlink_inside_the_folder_is_followed(tmp_path: Path) -> None:
     shutil.move(shard, folder / "data" / shard.name)
     shard.symlink_to(Path("data") / shard.name)
     assert tk.load_state_dict(folder, entry="model")
-    assert verify_path(folder).ok
+    assert tk.verify(folder).ok
 
 
 def test_previous_checkpoint_files_outside_are_never_linked(tmp_path: Path, secret: Path) -> None:

@@ -22,7 +22,6 @@ from test_download import server as server  # the fixture
 
 import torchkeep as tk
 from torchkeep._download import cached_path
-from torchkeep.cli._verify import verify_path
 from torchkeep.formats._base import OpenOptions
 from torchkeep.formats.registry import SAFETENSORS, open_format
 from torchkeep.formats.safetensors import parse_header
@@ -108,7 +107,7 @@ def torchkeep_refuses(path: Path) -> bool:
         loaded = True
     except (tk.CorruptFileError, tk.UnknownFormatError):
         loaded = False
-    verified = verify_path(path).ok
+    verified = tk.verify(path).ok
     # A file that does not look like safetensors at all is not parsed by load.
     assert loaded == verified, f"load and verify disagree on {path.name}"
     assert not loaded or parsed
@@ -269,7 +268,7 @@ def test_damaged_dcp_folders_fail_typed_in_load_and_verify(tmp_path: Path, damag
     DCP_DAMAGE[damage](folder)
     with pytest.raises((tk.CorruptFileError, tk.UnsafeFileError)):
         tk.load_state_dict(folder)
-    assert not verify_path(folder).ok
+    assert not tk.verify(folder).ok
 
 
 def test_damaged_native_manifest_records_fail_typed(tmp_path: Path) -> None:
@@ -291,7 +290,7 @@ def test_damaged_native_manifest_records_fail_typed(tmp_path: Path) -> None:
         (folder / "checkpoint.json").write_text(json.dumps(manifest))
         with pytest.raises(tk.CorruptFileError):
             tk.load_state_dict(folder, entry="model")
-        assert not verify_path(folder).ok
+        assert not tk.verify(folder).ok
 
 
 # ------------------------------------------------------------------------------ downloads
@@ -345,4 +344,4 @@ def test_verify_opens_files_the_way_loads_do(tmp_path: Path) -> None:
     tk.save(net(), path)
     with open_format(path, SAFETENSORS, OpenOptions()) as source:
         assert source.entries()[""]
-    assert verify_path(path).ok
+    assert tk.verify(path).ok

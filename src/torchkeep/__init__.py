@@ -19,6 +19,9 @@ from torchkeep._report import LoadReport as LoadReport
 from torchkeep._report import ShapeMismatch as ShapeMismatch
 from torchkeep._stubs import ModuleEntry as ModuleEntry
 from torchkeep._tensors import TensorInfo as TensorInfo
+from torchkeep._verify import Problem as Problem
+from torchkeep._verify import VerifyResult as VerifyResult
+from torchkeep._verify import verify as verify
 from torchkeep.api import inspect as inspect
 from torchkeep.api import load as load
 from torchkeep.api import load_state_dict as load_state_dict
@@ -81,10 +84,12 @@ __all__ = [
     "ModelRebuildError",
     "ModuleEntry",
     "ModuleInfo",
+    "Problem",
     "ShapeMismatch",
     "TensorInfo",
     "TorchkeepError",
     "TorchkeepWarning",
+    "VerifyResult",
     "UnknownFormatError",
     "UnsafeFileError",
     "UnsupportedTensorError",
@@ -98,4 +103,5 @@ __all__ = [
     "record_init",
     "save",
     "save_model",
+    "verify",
 ]

@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 from rich.text import Text
 
+from torchkeep._verify import verify
 from torchkeep.cli._app import EXIT_FOUND, EXIT_OK, debug_option, json_option, trust_options
 from torchkeep.cli._output import console, emit_json, progress_bar
-from torchkeep.cli._verify import verify_path
 
 EPILOG = """\b
 Examples:
@@ -42,7 +42,7 @@ def command(
 ) -> None:
     """Check that a checkpoint is complete and undamaged, naming every problem found."""
     with progress_bar("verifying") as update:
-        result = verify_path(path, trust=trust, allow_globals=allow_globals, progress=update)
+        result = verify(path, trust=trust, allow_globals=allow_globals, progress=update)
     if as_json:
         emit_json({**vars(result), "ok": result.ok})
     else:

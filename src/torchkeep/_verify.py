@@ -24,7 +24,7 @@ import os
 import stat
 import zipfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,6 @@ import xxhash
 
 from torchkeep._contain import member
 from torchkeep._torch_files import MAX_COMPRESSED_PICKLE
-from torchkeep.cli._output import ProgressFn
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptFileError,
@@ -53,6 +52,9 @@ from torchkeep.formats.registry import (
 )
 from torchkeep.formats.safetensors import read_header
 from torchkeep.formats.sharded import find_index, read_index
+
+# Called with (bytes done, bytes in all) as the check streams through the files.
+ProgressFn = Callable[[int, int], None]
 
 _BLOCK = 16 << 20
 _PICKLED = (TORCH_ZIP, TORCH_LEGACY, PICKLE)
@@ -294,17 +296,35 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def verify_path(
+def verify(
     path: str | os.PathLike[str],
     *,
     trust: bool = False,
     allow_globals: Iterable[str] = (),
     progress: ProgressFn | None = None,
 ) -> VerifyResult:
-    """Check ``path`` and return every problem found.
+    """Check a file or folder completely and return every problem found, without raising.
+
+    Every tensor, zip record and shard is checked (structure, lengths, stored xxh3 checksums,
+    zip CRCs, the pickle through the allowlist) and each problem is named, where a load with
+    ``verify=True`` stops at the first one. Memory stays flat: data is streamed in blocks.
+
+    Args:
+        path: a file or folder in any format torchkeep reads.
+        trust: read pickles without the allowlist (only for files you trust).
+        allow_globals: extra ``"module.name"`` globals the allowlist accepts.
+        progress: called with (bytes checked, bytes in all) as the check proceeds.
+
+    Returns:
+        A :class:`VerifyResult`; ``result.ok`` is true when nothing is wrong.
 
     Raises:
         CheckpointNotFoundError: nothing at ``path``.
+
+    Example:
+        >>> result = torchkeep.verify("model.safetensors")
+        >>> result.ok, result.checksums
+        (True, 42)
     """
     where = Path(os.fspath(path))
     result = VerifyResult(str(where))
