@@ -18,6 +18,7 @@ import torch
 from conftest import Tied
 from torch import nn
 
+import torchkeep as tk
 from torchkeep.api import unwrap
 from torchkeep.checkpoint import (
     MANIFEST,
@@ -450,3 +451,16 @@ def test_cuda_state_loads_on_cpu_and_back(tmp_path: Path) -> None:
     out = load_checkpoint(path, model=gpu_model, optimizer=gpu_opt, device="cuda")
     assert out["t"].device.type == "cuda"
     assert gpu_opt.state_dict()["state"][0]["exp_avg"].device.type == "cuda"
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".pkl", ".ckpt", ".tar"])
+def test_every_torch_suffix_is_a_pt_checkpoint_as_it_is_a_weights_file(
+    tmp_path: Path, suffix: str
+) -> None:
+    model = torch.nn.Linear(3, 2)
+    path = save_checkpoint(tmp_path / f"c{suffix}", model=model, epoch=1, rng=False)
+    assert path.is_file()
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["weight"], model.weight)
+    assert load_checkpoint(path)["epoch"] == 1
+    weights = tk.save(model, tmp_path / f"w{suffix}")
+    assert torch.equal(tk.load_state_dict(weights)["weight"], model.weight)

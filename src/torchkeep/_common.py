@@ -25,6 +25,9 @@ COMMIT_MARKERS = (MANIFEST, DCP_MARKER)
 OBJECTS = "objects.pkl"
 # In the names of temporary files and folders, written beside their destination.
 TEMP_MARKER = ".tmp-torchkeep-"
+# Suffixes that make a new file a torch zip file (torch.save's layout), for every writer.
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt", ".tar")
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 def parse_size(size: int | str) -> int:
@@ -67,7 +70,9 @@ __all__ = [
     "DCP_MARKER",
     "MANIFEST",
     "OBJECTS",
+    "SAFETENSORS_SUFFIX",
     "TEMP_MARKER",
+    "TORCH_SUFFIXES",
     "PathLike",
     "parse_size",
     "unwrap",

@@ -28,7 +28,7 @@ import torch
 
 from torchkeep import _json
 from torchkeep._assign import check_floating
-from torchkeep._common import PathLike, unwrap
+from torchkeep._common import SAFETENSORS_SUFFIX, PathLike, unwrap
 from torchkeep._contain import member
 from torchkeep._device import check_device
 from torchkeep._stubs import find_stubs, is_module_like
@@ -332,7 +332,7 @@ def save_model(
             "name when loading; move it to module level"
         )
     target = Path(path)
-    if max_shard_size is None and target.suffix != ".safetensors":
+    if max_shard_size is None and target.suffix.lower() != SAFETENSORS_SUFFIX:
         raise InvalidArgumentError(
             f"save_model writes .safetensors files, got {str(target)!r}; name the file "
             "'<name>.safetensors', or pass max_shard_size= to write a sharded folder"

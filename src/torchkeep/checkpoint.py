@@ -26,7 +26,7 @@ import torch
 import xxhash
 
 from torchkeep import _json, _state
-from torchkeep._common import MANIFEST, OBJECTS, TEMP_MARKER, parse_size
+from torchkeep._common import MANIFEST, OBJECTS, TEMP_MARKER, TORCH_SUFFIXES, parse_size
 from torchkeep._contain import check_name, member
 from torchkeep._device import check_device
 from torchkeep._manifest import check_format, manifest_header, now, number, plain_json
@@ -65,7 +65,6 @@ FORMAT = "torchkeep-checkpoint"
 VERSION = 1
 PT_META = "__torchkeep__"
 DEFAULT_SHARD_SIZE = "256MB"
-_PT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar")
 
 
 # ------------------------------------------------------------------------------ snapshot
@@ -684,13 +683,14 @@ def _format_for(path: Path, format: str | None) -> str:
                 f"unknown checkpoint format {format!r}; use 'native' or 'torch'"
             )
         return format
-    if path.suffix.lower() in _PT_SUFFIXES:
+    if path.suffix.lower() in TORCH_SUFFIXES:
         return "torch"
     if path.is_dir() or not path.suffix:
         return "native"
     raise InvalidArgumentError(
         f"cannot tell the checkpoint format of {str(path)!r} from its suffix {path.suffix!r}: "
-        "use a folder path (the native format) or a .pt file, or pass format='native'/'torch'"
+        f"use a folder path (the native format) or a file ending in {'/'.join(TORCH_SUFFIXES)}, "
+        "or pass format='native'/'torch'"
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from torchkeep._common import TEMP_MARKER
+from torchkeep._common import SAFETENSORS_SUFFIX, TEMP_MARKER, TORCH_SUFFIXES
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptFileError,
@@ -140,9 +140,9 @@ def for_writing(path: Path, format: str | None, sharded: bool) -> Format:
     if sharded:
         return SHARDED
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+    if suffix == SAFETENSORS_SUFFIX:
         return SAFETENSORS
-    if suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt", ".tar"):
+    if suffix in TORCH_SUFFIXES:
         return TORCH_ZIP
     raise InvalidArgumentError(
         f"cannot tell the format of {str(path)!r} from its suffix {suffix or '(none)'!r}: use "
