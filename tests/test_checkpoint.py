@@ -464,3 +464,22 @@ def test_every_torch_suffix_is_a_pt_checkpoint_as_it_is_a_weights_file(
     assert load_checkpoint(path)["epoch"] == 1
     weights = tk.save(model, tmp_path / f"w{suffix}")
     assert torch.equal(tk.load_state_dict(weights)["weight"], model.weight)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_allow_globals_loads_named_classes_without_trust(tmp_path: Path, layout: str) -> None:
+    path = save_checkpoint(
+        where(tmp_path, layout), epoch=2, extra={"cb": Callback(3)}, allow_pickle=True, rng=False
+    )
+    name = f"{Callback.__module__}.{Callback.__qualname__}"
+    loaded = load_checkpoint(path, allow_globals=[name])
+    assert isinstance(loaded["extra"]["cb"], Callback) and loaded["extra"]["cb"].factor == 3
+    # Another name does not let the class in.
+    with pytest.raises(UnsafeFileError):
+        load_checkpoint(path, allow_globals=["collections.Counter"])
+    manager = tk.CheckpointManager(tmp_path / "run")
+    manager.save(1, extra={"cb": Callback(4)}, allow_pickle=True, rng=False)
+    manager.wait()
+    restored = manager.restore(allow_globals=[name])
+    assert restored is not None and restored["extra"]["cb"].factor == 4
+    manager.close()

@@ -639,6 +639,7 @@ def load_for_inference(
     dtype: torch.dtype | None = None,
     cls: type[torch.nn.Module] | None = None,
     trust: bool = False,
+    allow_globals: Iterable[str] = (),
 ) -> torch.nn.Module:
     """A model ready for inference: loaded, moved, ``eval()``, gradients off.
 
@@ -654,6 +655,7 @@ def load_for_inference(
         dtype: cast floating-point weights (for example ``torch.float16``).
         cls: passed to :func:`load_model` for plain weight files.
         trust: passed to :func:`load_model` or :func:`torchkeep.load`.
+        allow_globals: extra ``"module.name"`` globals the allowlist accepts, likewise.
 
     Returns:
         The module, with every parameter's ``requires_grad`` False.
@@ -686,9 +688,9 @@ def load_for_inference(
     if isinstance(model_or_path, torch.nn.Module):
         model = model_or_path
         if path is not None:
-            load(model, path, device=device, dtype=dtype, trust=trust)
+            load(model, path, device=device, dtype=dtype, trust=trust, allow_globals=allow_globals)
     elif isinstance(model_or_path, (str, os.PathLike)):
-        model = load_model(model_or_path, cls=cls, trust=trust)
+        model = load_model(model_or_path, cls=cls, trust=trust, allow_globals=allow_globals)
     else:
         raise InvalidStateError(
             "load_for_inference takes an nn.Module or a path, got a "

@@ -17,7 +17,7 @@ import os
 import pickle
 import shutil
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +40,7 @@ from torchkeep._tree import (
     map_tensors,
     to_torch_plain,
 )
-from torchkeep._unpickle import safe_torch_load
+from torchkeep._unpickle import safe_pickle_load, safe_torch_load
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
@@ -482,24 +482,30 @@ class NativeCheckpoint:
             if name not in self._checked:
                 self.tensor(name)
 
-    def objects(self, trust: bool) -> list[object]:
-        """The pickled side objects; refused unless ``trust``."""
+    def objects(self, trust: bool, allow_globals: Iterable[str] = ()) -> list[object]:
+        """The pickled side objects: unpickled fully with ``trust``, through the allowlist
+        (extended by ``allow_globals``) when globals are allowed, refused otherwise."""
         info = self.manifest.get("objects")
         if not info:
             return []
-        if not trust:
+        allowed = tuple(allow_globals)
+        if not trust and not allowed:
             raise UnsafeFileError(
                 f"checkpoint {str(self.path)!r} holds pickled objects ({OBJECTS}, at "
                 f"{', '.join(info.get('paths', []))}), written with allow_pickle=True; unpickling "
-                "can run any code, so they load only with trust=True. Pass trust=True only if "
-                "you trust whoever wrote the checkpoint.",
+                "can run any code, so they load only with trust=True, or through the allowlist "
+                "with allow_globals=['package.Class', ...] naming their classes. Pass trust=True "
+                "only if you trust whoever wrote the checkpoint.",
                 path=str(self.path / OBJECTS),
             )
         where = str(self.path / MANIFEST)
         data = member(self.path, OBJECTS, path=where, what="file", flat=True).read_bytes()
         if len(data) != info.get("bytes") or xxhash.xxh3_64_hexdigest(data) != info.get("xxh3"):
             raise ChecksumError(f"{str(self.path / OBJECTS)!r} does not match its checksum")
-        loaded = pickle.loads(data)  # the caller declared the checkpoint trusted
+        if trust:
+            loaded = pickle.loads(data)  # the caller declared the checkpoint trusted
+        else:
+            loaded = safe_pickle_load(data, path=str(self.path / OBJECTS), allow_globals=allowed)
         return list(loaded)
 
     def close(self) -> None:
@@ -516,16 +522,17 @@ class NativeCheckpoint:
 
 
 def _decode_native(
-    path: Path, *, verify: bool, trust: bool, rng: bool
+    path: Path, *, verify: bool, trust: bool, allow_globals: Iterable[str], rng: bool
 ) -> tuple[dict[str, Any], Any]:
     with NativeCheckpoint(path, verify=verify) as ckpt:
-        if ckpt.manifest.get("objects") and not trust:
-            ckpt.objects(trust=False)  # raises, before anything is read
         cache: list[list[object]] = []
+        if ckpt.manifest.get("objects") and not trust:
+            # Refused or read through the allowlist before anything else is read.
+            cache.append(ckpt.objects(trust=False, allow_globals=allow_globals))
 
         def objects() -> list[object]:
             if not cache:
-                cache.append(ckpt.objects(trust))
+                cache.append(ckpt.objects(trust, allow_globals))
             return cache[0]
 
         decoder = Unflattener(ckpt.tensor, objects, str(path))
@@ -543,13 +550,21 @@ def _decode_native(
 
 
 def _decode_torch(
-    path: Path, targets: Mapping[str, object], *, verify: bool, trust: bool, rng: bool
+    path: Path,
+    targets: Mapping[str, object],
+    *,
+    verify: bool,
+    trust: bool,
+    allow_globals: Iterable[str],
+    rng: bool,
 ) -> tuple[dict[str, Any], Any]:
     if verify and zipfile.is_zipfile(path):
         check_crcs(str(path))
     # Unknown classes become inert stand-ins (anything that could run code is refused);
     # _refuse_stand_ins then decides where the checkpoint may keep them.
-    loaded = safe_torch_load(str(path), map_location="cpu", trust=trust, stubs=True)
+    loaded = safe_torch_load(
+        str(path), map_location="cpu", trust=trust, allow_globals=allow_globals, stubs=True
+    )
     if not isinstance(loaded, Mapping):
         raise InvalidStateError(
             f"{str(path)!r} holds a {type(loaded).__name__}, not a checkpoint dict; load "
@@ -800,6 +815,7 @@ def load_checkpoint(
     rng: bool = True,
     verify: bool = False,
     trust: bool = False,
+    allow_globals: Iterable[str] = (),
     strict: bool = True,
     device: str | torch.device = "cpu",
     **targets: object,
@@ -825,6 +841,8 @@ def load_checkpoint(
         rng: restore the saved RNG states.
         verify: hash every tensor against the checksum recorded at save time.
         trust: allow pickled objects (``allow_pickle=True`` saves, untrusted ``.pt`` globals).
+        allow_globals: ``"module.name"`` classes the allowlist accepts besides its own, so
+            pickled objects of those classes load without ``trust`` (nothing else runs).
         strict: refuse module states whose names or shapes do not match exactly.
         device: where returned tensors go (restored objects keep their own devices).
         **targets: objects to restore, by entry name.
@@ -854,9 +872,13 @@ def load_checkpoint(
     if not source.exists():
         raise CheckpointNotFoundError(f"no checkpoint at {str(source)!r}: the path does not exist")
     if source.is_dir():
-        values, rng_state = _decode_native(source, verify=verify, trust=trust, rng=rng)
+        values, rng_state = _decode_native(
+            source, verify=verify, trust=trust, allow_globals=allow_globals, rng=rng
+        )
     else:
-        values, rng_state = _decode_torch(source, targets, verify=verify, trust=trust, rng=rng)
+        values, rng_state = _decode_torch(
+            source, targets, verify=verify, trust=trust, allow_globals=allow_globals, rng=rng
+        )
     return _restore(values, targets, rng_state=rng_state, strict=strict, device=device, path=source)
 
 

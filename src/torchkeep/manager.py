@@ -14,7 +14,7 @@ import functools
 import os
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -416,6 +416,7 @@ class CheckpointManager:
         *,
         verify: bool = False,
         trust: bool = False,
+        allow_globals: Iterable[str] = (),
         strict: bool = True,
         rng: bool = True,
         device: str | torch.device = "cpu",
@@ -425,7 +426,8 @@ class CheckpointManager:
 
         Args:
             which: ``"latest"`` (the highest step), ``"best"`` (by ``monitor``) or a step.
-            verify, trust, strict, rng, device: as for :func:`~torchkeep.load_checkpoint`.
+            verify, trust, allow_globals, strict, rng, device: as for
+                :func:`~torchkeep.load_checkpoint`.
             **targets: objects restored in place.
 
         Returns:
@@ -485,6 +487,7 @@ class CheckpointManager:
                 local,
                 verify=verify,
                 trust=trust,
+                allow_globals=allow_globals,
                 strict=strict,
                 rng=rng,
                 device=device,
