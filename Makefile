@@ -7,11 +7,12 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup demo test lint typecheck bench fuzz realworld clean
+.PHONY: help setup demo test test-quick lint typecheck bench fuzz realworld clean
 
 help:
 	@echo "make demo   set up .venv and run the demonstration"
 	@echo "make test   set up .venv and run lint, type checks and the test suite"
+	@echo "make test-quick  the test suite without the tests marked slow (no lint or type checks)"
 	@echo "make bench  compare torchkeep with torch, safetensors and raw I/O (~1 GB state;"
 	@echo "            TK_BENCH_MB=128 for a quick run); writes bench-output/results.json;"
 	@echo "            then the checking reader against torch.load(weights_only=True)"
@@ -39,6 +40,10 @@ typecheck: $(STAMP)
 
 test: lint typecheck
 	$(PY) -m pytest -q
+
+# The tests marked slow (subprocesses, worker pools, memory measurements) left out.
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # Not part of `test`: it takes minutes and needs a few GB of free disk and memory.
 bench: $(STAMP)

@@ -20,6 +20,8 @@ import pytest
 from adversarial.corpus import CASES, CLI_VERBS, STRICT_VERBS, Case, build_corpus
 from adversarial.runner import run_jobs
 
+pytestmark = pytest.mark.slow  # every test reads one session-wide run of worker processes
+
 LIB_JOBS = [(case, verb) for case in CASES for verb in case.verbs()]
 CLI_JOBS = [(case, verb) for case in CASES if not case.only for verb in CLI_VERBS]
 

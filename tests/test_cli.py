@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickletools
 import re
+import shutil
 import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -576,20 +579,96 @@ def test_verify_damaged_golden_files_exit_1(name: str, where: str, message: str)
     assert where in problem and message in problem
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "net.safetensors",
-        "net_state_dict.pt",
-        "net_state_dict_legacy.pt",
-        "net_sharded",
-        "net_sharded_bin",
-        "net_checkpoint.pt",
-    ],
-)
+# good golden file -> (format verify detects, tensors it confirms, safetensors files in it)
+GOOD_VERIFY = {
+    "net.safetensors": ("safetensors", 9, 1),
+    "net_state_dict.pt": ("torch-zip", 9, 0),
+    "net_state_dict_legacy.pt": ("torch-legacy", 9, 0),
+    "net_sharded": ("sharded", 9, 2),
+    "net_sharded_bin": ("sharded", 9, 0),
+    "net_checkpoint.pt": ("torch-zip", 27, 0),  # the model's 9 and Adam's 18 (3 per parameter)
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOOD_VERIFY))
 def test_verify_good_golden_files_exit_0(name: str) -> None:
+    fmt, tensors, unhashed = GOOD_VERIFY[name]
     result = run("verify", GOLDEN / name)
     assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    # Files not written by torchkeep carry no checksums: none is claimed.
+    assert lines[0] == f"OK {GOLDEN / name} [{fmt}]: {tensors} tensors, 0 checksums verified"
+    assert not [line for line in lines if line.startswith("  problem ")]
+    notes = [line for line in lines if line.startswith("  note ")]
+    assert len(notes) == unhashed, lines
+    assert all("no checksums recorded" in note and ".safetensors:" in note for note in notes)
+
+
+def _flip_record(archive: Path, tensor: str) -> str:
+    """Flip the first byte of the zip record holding ``tensor``'s storage; return its name."""
+    with zipfile.ZipFile(archive) as zf:
+        pickle_name = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
+        ops = list(pickletools.genops(zf.read(pickle_name)))
+        at = next(i for i, (_, arg, _) in enumerate(ops) if arg == tensor)
+        # The storage's persistent id follows the name: ("storage", type, key, location, size).
+        key = next(arg for _, arg, _ in ops[at:] if isinstance(arg, str) and arg.isdigit())
+        info = zf.getinfo(f"{pickle_name.rsplit('/', 1)[0]}/data/{key}")
+    data = bytearray(archive.read_bytes())
+    local = info.header_offset
+    name_size, extra_size = struct.unpack("<HH", data[local + 26 : local + 30])
+    data[local + 30 + name_size + extra_size] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    return info.filename
+
+
+def _misstate_shape(path: Path, tensor: str) -> None:
+    """Rewrite a safetensors header so ``tensor``'s shape no longer fits its data offsets."""
+    data = path.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + size])
+    header[tensor]["shape"][-1] += 1
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(size)
+    assert len(text) == size
+    path.write_bytes(data[:8] + text + data[8 + size :])
+
+
+def _damage(copy: Path) -> list[str]:
+    """Damage ``fc.weight`` in a copy of a golden file; return what the problem must name."""
+    target = copy
+    if copy.is_dir():
+        index = json.loads(next(copy.glob("*.index.json")).read_text())
+        target = copy / index["weight_map"]["fc.weight"]
+    if target.suffix == ".safetensors":
+        _misstate_shape(target, "fc.weight")
+        return [f"{target}: ", "tensor 'fc.weight' (F32[3, 17]) needs 204 bytes"]
+    if zipfile.is_zipfile(target):
+        record = _flip_record(target, "fc.weight")
+        return [f"{target}:{record}: ", f"Bad CRC-32 for file '{record}'"]
+    # A legacy file stores its storages back to back with no per-record framing or CRC:
+    # cutting the end is the damage it can report, against the file as a whole.
+    target.write_bytes(target.read_bytes()[:-8])
+    return [f"{target}: ", "is truncated"]
+
+
+@pytest.mark.parametrize("name", sorted(GOOD_VERIFY))
+def test_verify_damaged_copy_of_a_good_golden_file_names_the_damage(
+    name: str, tmp_path: Path
+) -> None:
+    fmt = GOOD_VERIFY[name][0]
+    copy = tmp_path / name
+    if (GOLDEN / name).is_dir():
+        shutil.copytree(GOLDEN / name, copy)
+    else:
+        shutil.copyfile(GOLDEN / name, copy)
+    assert run("verify", copy).exit_code == 0  # the copy itself is sound
+    expected = _damage(copy)
+    result = run("verify", copy)
+    assert result.exit_code == 1, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"FAILED {copy} [{fmt}]: 1 problem"
+    problems = [line for line in lines if line.startswith("  problem ")]
+    assert len(problems) == 1, lines
+    assert all(part in problems[0] for part in expected), (expected, problems[0])
 
 
 def test_verify_sharded_folder_names_missing_and_bad_shards(tmp_path: Path) -> None:
@@ -735,6 +814,7 @@ def test_env_describes_cuda_devices(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---------------------------------------------------------------------------- real processes
 
 
+@pytest.mark.slow
 def test_process_inspect_checkpoint() -> None:
     result = run_process("inspect", GOLDEN / "net_checkpoint.pt")
     assert result.returncode == 0, result.stderr
@@ -742,6 +822,7 @@ def test_process_inspect_checkpoint() -> None:
     assert "\x1b[" not in result.stdout
 
 
+@pytest.mark.slow
 def test_process_exit_codes_of_diff_verify_and_scan(tmp_path: Path) -> None:
     assert (
         run_process(
@@ -753,6 +834,7 @@ def test_process_exit_codes_of_diff_verify_and_scan(tmp_path: Path) -> None:
     assert run_process("scan", GOLDEN / "malicious.pt").returncode == 3
 
 
+@pytest.mark.slow
 def test_process_error_is_one_line_and_debug_shows_traceback(tmp_path: Path) -> None:
     missing = tmp_path / "missing.pt"
     result = run_process("inspect", missing)
@@ -765,6 +847,7 @@ def test_process_error_is_one_line_and_debug_shows_traceback(tmp_path: Path) -> 
     assert "Traceback" in debug.stderr and "CheckpointNotFoundError" in debug.stderr
 
 
+@pytest.mark.slow
 def test_process_convert_then_verify(tmp_path: Path) -> None:
     out = tmp_path / "m.safetensors"
     assert run_process("convert", GOLDEN / "net_state_dict.pt", out).returncode == 0

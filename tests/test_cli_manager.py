@@ -96,6 +96,7 @@ def test_usage_errors_and_missing_folder(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "no checkpoint folder" in result.output
 
 
+@pytest.mark.slow
 def test_ls_as_a_real_process(run_dir: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "torchkeep", "ls", str(run_dir)],

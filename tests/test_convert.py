@@ -196,6 +196,7 @@ def _peak_rss_mib(args: list[str]) -> float:
     return int(done.stderr.split("PEAK")[1]) / 1024
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_streaming_peak_memory_stays_near_the_largest_tensor(tmp_path: Path) -> None:
     source = tmp_path / "big.safetensors"

@@ -23,9 +23,12 @@ HELPERS = Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
 import dist_worker  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed is not available"
-)
+pytestmark = [
+    pytest.mark.slow,  # the worlds below are spawned once for the module: several seconds
+    pytest.mark.skipif(
+        not torch.distributed.is_available(), reason="torch.distributed is not available"
+    ),
+]
 
 
 def free_port() -> int:

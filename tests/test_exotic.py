@@ -383,6 +383,7 @@ def test_torch_save_files_load_as_torch_loads_them(kind: str, legacy: bool, tmp_
         assert (info.layout, info.shape) == (str(value.layout)[6:], tuple(value.shape))
 
 
+@pytest.mark.slow
 def test_jagged_tensors_are_refused_as_torch_refuses_them(tmp_path: Path) -> None:
     path = tmp_path / "jagged.pt"
     torch.save({"t": _jagged()}, path)

@@ -77,6 +77,7 @@ def server() -> Iterator[Server]:
     started.close()
 
 
+@pytest.mark.slow
 def test_sigkill_at_every_instant_of_a_save(tmp_path: Path, server: Server) -> None:
     folder = tmp_path / "run"
     mgr = crash_server.manager(str(folder))

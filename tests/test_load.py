@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import Backbone, Net, assert_same_state
+import xxhash
+from conftest import Backbone, Net, assert_same_state, needs_cuda
 from torch import nn
 
 import torchkeep as tk
@@ -144,36 +147,83 @@ def test_the_best_matching_entry_of_a_checkpoint_dict_is_used(tmp_path: Path) ->
         tk.load(fresh, path, entry="nope")
 
 
+def _filled(model: nn.Module, value: float) -> dict[str, torch.Tensor]:
+    """``model``'s state with every floating-point tensor set to ``value``."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.fill_(value)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
 def test_load_state_dict_picks_the_conventional_entry(tmp_path: Path) -> None:
+    # Two entries of the same rank: the conventional name ("model") must win although the
+    # other comes first in the file and is larger.
+    model, ema = _filled(Net(), 1.0), _filled(Net(), 2.0)
+    ema["extra.weight"] = torch.full((4, 4), 2.0)
     path = tmp_path / "ckpt.pt"
-    model = Net()
-    torch.save({"model": model.state_dict(), "ema": Net().state_dict(), "step": 3}, path)
+    torch.save({"ema": ema, "model": model, "step": 3}, path)
     state = tk.load_state_dict(path)
-    assert torch.equal(state["fc.weight"], model.fc.weight)
-    assert torch.equal(
-        tk.load_state_dict(path, entry="ema")["fc.weight"],
-        tk.load_state_dict(path, entry="ema")["fc.weight"],
-    )
+    assert list(state) == list(model)
+    for name, value in model.items():
+        assert torch.equal(state[name], value), name
+    explicit = tk.load_state_dict(path, entry="ema")
+    assert list(explicit) == list(ema)
+    for name, value in ema.items():
+        assert torch.equal(explicit[name], value), name
 
 
-def test_load_moves_the_model_when_given_a_device(tmp_path: Path) -> None:
-    path = tk.save(Net(), tmp_path / "net.safetensors")
-    model = Net().double()
-    tk.load(model, path, device="cpu")
-    assert model.fc.weight.device.type == "cpu"
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter:UserWarning")
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=needs_cuda)])
+def test_load_moves_the_model_when_given_a_device(tmp_path: Path, device: str) -> None:
+    # Off the CPU, so a load that ignored device= would leave the model where it was.
+    source = Net()
+    path = tk.save(source, tmp_path / "net.safetensors")
+    model = Net()
+    report = tk.load(model, path, device=device)
+    assert report.ok and sorted(report.loaded) == sorted(source.state_dict())
+    assert {t.device.type for t in model.state_dict().values()} == {device}
+    if device != "meta":  # meta tensors hold no values to compare
+        assert_same_state(model, source.state_dict())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_assign_builds_a_meta_model_on_the_given_device(tmp_path: Path, device: str) -> None:
+    source = Net()
+    path = tk.save(source, tmp_path / "net.safetensors")
+    with torch.device("meta"):
+        model = Net()
+    assert tk.load(model, path, device=device, assign=True).ok
+    assert {t.device.type for t in model.state_dict().values()} == {device}
+    assert_same_state(model, source.state_dict())
 
 
 def test_verify_catches_a_flipped_byte_in_our_safetensors(tmp_path: Path) -> None:
     model = Net()
     path = tk.save(model, tmp_path / "net.safetensors")
     data = bytearray(path.read_bytes())
-    data[-5] ^= 0xFF  # inside the last tensor's data
+    header_size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + header_size])
+    recorded = json.loads(header.pop("__metadata__")["torchkeep.xxh3"])
+    start = 8 + header_size
+    # The tensor whose data ends the file holds the flipped byte.
+    name, (begin, end) = next(
+        (name, spec["data_offsets"])
+        for name, spec in header.items()
+        if start + spec["data_offsets"][1] == len(data)
+    )
+    data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
     tk.load_state_dict(path)  # lengths and structure still fine: no hashing by default
-    with pytest.raises(tk.ChecksumError, match="is damaged") as info:
+    with pytest.raises(tk.ChecksumError) as info:
         tk.load(Net(), path, verify=True)
     assert isinstance(info.value, ValueError)
-    assert "'" in str(info.value)  # names the tensor
+    actual = xxhash.xxh3_64(bytes(data[start + begin : start + end])).hexdigest()
+    assert str(info.value) == (
+        f"tensor {name!r} in {str(path)!r} is damaged: its bytes hash to {actual}, but "
+        f"{recorded[name]} was recorded when it was saved (data bytes {start + begin} to "
+        f"{start + end})"
+    )
 
 
 def test_verify_catches_a_flipped_byte_in_a_torch_zip(tmp_path: Path) -> None:

@@ -85,6 +85,7 @@ def test_dtype_casts_floating_tensors_only(tmp_path: Path) -> None:
         tk.load_state_dict(path, dtype=torch.int32)
 
 
+@pytest.mark.slow
 def test_peak_memory_stays_near_one_copy_of_the_weights() -> None:
     """Real processes, real ru_maxrss: torch's recipe peaks at two copies, assign at one."""
     spec = importlib.util.spec_from_file_location("rss", ROOT / "benchmarks" / "rss.py")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -158,11 +158,13 @@ class Gate:
 
     def __init__(self) -> None:
         self.open = threading.Event()
+        self.entered = threading.Event()  # a write has started
         self.threads: list[str] = []
         self.real = manager_module.write_native
 
     def __call__(self, *args: Any, **kwargs: Any) -> Path:
         self.threads.append(threading.current_thread().name)
+        self.entered.set()
         assert self.open.wait(10), "gate never opened"
         return self.real(*args, **kwargs)
 
@@ -203,34 +205,60 @@ def test_sync_save_is_async_plus_wait(tmp_path: Path) -> None:
 def test_at_most_one_save_in_flight(tmp_path: Path) -> None:
     gate = Gate()
     mgr = CheckpointManager(tmp_path)
-    with mock.patch.object(manager_module, "write_native", gate):
+    progressed = threading.Event()  # the second save either waits or returns
+    waiting = threading.Event()
+    returned = threading.Event()
+    real_result = Future.result
+
+    def result(future: Future[Any], timeout: float | None = None) -> Any:
+        if threading.current_thread().name == "second-save":
+            waiting.set()  # about to block on the save in flight
+            progressed.set()
+        return real_result(future, timeout)
+
+    def second_save() -> None:
+        mgr.save(2, x=2, blocking=False)
+        returned.set()
+        progressed.set()
+
+    with (
+        mock.patch.object(manager_module, "write_native", gate),
+        mock.patch.object(Future, "result", result),
+    ):
         mgr.save(1, blocking=False, x=1)
-        second = threading.Thread(target=mgr.save, args=(2,), kwargs={"x": 2, "blocking": False})
+        assert gate.entered.wait(10), "the first write never started"
+        second = threading.Thread(target=second_save, name="second-save")
         second.start()
-        time.sleep(0.3)
-        assert second.is_alive()  # waiting for the first write
-        assert len(gate.threads) == 1
+        assert progressed.wait(10)
+        assert waiting.is_set() and not returned.is_set(), "the second save did not wait"
+        assert gate.threads == ["torchkeep-save_0"]  # the second write has not started
         gate.open.set()
         second.join(10)
-        assert not second.is_alive()
+        assert returned.is_set()
         mgr.wait()
+    assert len(gate.threads) == 2
     assert mgr.steps() == [1, 2]
 
 
 def test_async_errors_surface_on_wait_and_on_the_next_save(tmp_path: Path) -> None:
     mgr = CheckpointManager(tmp_path)
     mgr.save(1, x=1)
-    failing = mock.patch.object(
-        manager_module, "write_native", side_effect=CheckpointWriteError(28, "disk full")
-    )
+    written = threading.Event()
+
+    def disk_full(*args: Any, **kwargs: Any) -> Path:
+        written.set()
+        raise CheckpointWriteError(28, "disk full")
+
+    failing = mock.patch.object(manager_module, "write_native", side_effect=disk_full)
     with failing:
         mgr.save(2, blocking=False, x=2)
         with pytest.raises(CheckpointWriteError, match="disk full"):
             mgr.wait()
     mgr.wait()  # reported once
+    written.clear()
     with failing:
         mgr.save(3, blocking=False, x=3)
-        time.sleep(0.1)
+        assert written.wait(10)  # the write failed while the disk was full
     with pytest.raises(CheckpointWriteError):
         mgr.save(4, x=4)  # the previous failure comes first
     assert mgr.steps() == [1]

@@ -6,6 +6,7 @@ import importlib
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -278,11 +279,31 @@ def test_class_moved_is_recoverable_with_cls(tmp_path: Path) -> None:
     assert model.layer.in_features == 2
 
 
-def test_plain_weights_need_a_class(tmp_path: Path) -> None:
-    path = tk.save(TutorialCNN(), tmp_path / "w.safetensors")
-    with pytest.raises(tk.ModelRebuildError, match="cls="):
+def test_plain_weights_need_a_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = TutorialCNN()
+    path = tk.save(source, tmp_path / "w.safetensors")
+    built: list[type] = []
+    real_init = nn.Module.__init__
+
+    def counting_init(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        built.append(type(self))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "__init__", counting_init)
+    with pytest.raises(tk.ModelRebuildError) as info:
         tk.load_model(path)
-    assert isinstance(tk.load_model(path, cls=TutorialCNN), TutorialCNN)
+    assert built == []  # no module of any kind was built before the refusal
+    assert isinstance(info.value, ImportError)
+    message = str(info.value)
+    assert message.startswith(f"{str(path)!r} holds weights only"), message
+    assert "pass cls=YourModel" in message and "torchkeep.load(model, path)" in message
+
+    model = tk.load_model(path, cls=TutorialCNN)
+    assert type(model) is TutorialCNN and built[0] is TutorialCNN
+    expected = source.state_dict()
+    assert list(model.state_dict()) == list(expected)
+    for name, value in expected.items():
+        assert torch.equal(model.state_dict()[name], value), name
 
 
 # ------------------------------------------------------------------------------ export
@@ -301,6 +322,7 @@ def test_export_round_trip_and_load_model(tmp_path: Path, suffix: str, fmt: str)
         assert torch.allclose(loaded(x), model(x), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_export_onnx_with_equivalence_check(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     model = TutorialCNN().eval()

@@ -90,6 +90,7 @@ def test_inspect_reads_only_the_header_of_remote_safetensors(s3: str) -> None:
     assert info.size > 256 * 1024 * 4  # the real object's size
 
 
+@pytest.mark.slow
 def test_manager_on_s3_skips_a_torn_upload(s3: str) -> None:
     url = f"{s3}/runs/exp1"
     model = net()

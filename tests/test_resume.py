@@ -49,6 +49,7 @@ def straight_run() -> tuple[list[float], resume_lib.Run]:
     return resume_lib.train(run, 0, N), run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("layout", "k"),
     [("manager", 7), ("pt", resume_lib.PER_EPOCH)],

@@ -393,6 +393,7 @@ def test_pt2_from_earlier_torch_layout(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_reads_archives(tmp_path: Path) -> None:
     model = trained(ConvBN)
     ts = make("script", model, tmp_path / "m.ts")

@@ -418,6 +418,7 @@ def test_a_map_location_function_is_applied_to_every_storage(
     )
 
 
+@pytest.mark.slow
 def test_a_module_tree_shared_exponentially_is_refused_not_walked(tmp_path: Path) -> None:
     module: torch.nn.Module = torch.nn.Linear(1, 1)
     for _ in range(25):  # 2**25 paths to the same Linear in a file of a few kilobytes

@@ -460,6 +460,7 @@ def _tools_missing() -> list[str]:
     return [t for t in TOOLS if importlib.util.find_spec(t) is None]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     bool(_tools_missing()),
     reason=f"regenerating the corpus needs {', '.join(TOOLS)} (pip install torchkeep[test])",
