@@ -526,3 +526,12 @@ def test_async_saves_reuse_staging_buffers_and_blocking_saves_need_none(tmp_path
     mgr.save(3, model=model, blocking=False)
     assert list(staged(mgr)) == first and first
     mgr.close()
+
+
+def test_one_shard_planner_groups_in_order_with_big_tensors_alone() -> None:
+    from torchkeep._common import group_by_size
+
+    sizes = [("a", 4), ("b", 4), ("c", 10), ("d", 1), ("e", 1)]
+    assert group_by_size(sizes, 8) == [["a", "b"], ["c"], ["d", "e"]]
+    assert group_by_size(sizes, None) == [["a", "b", "c", "d", "e"]]
+    assert group_by_size([], 8) == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 
 import torch
 
@@ -54,6 +55,23 @@ def parse_size(size: int | str) -> int:
     return int(number * base**power)
 
 
+def group_by_size(sizes: Iterable[tuple[str, int]], limit: int | None) -> list[list[str]]:
+    """Names grouped in order into runs of at most ``limit`` bytes (a bigger one alone).
+
+    The one shard planner of every sharded writer; ``None`` puts everything in one group.
+    An empty input gives no group.
+    """
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in sizes:
+        if groups[-1] and limit is not None and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups if groups[0] else []
+
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside DataParallel, DistributedDataParallel and ``torch.compile`` wrappers."""
     while True:
@@ -73,6 +91,7 @@ __all__ = [
     "SAFETENSORS_SUFFIX",
     "TEMP_MARKER",
     "TORCH_SUFFIXES",
+    "group_by_size",
     "PathLike",
     "parse_size",
     "unwrap",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from torchkeep._common import parse_size
+from torchkeep._common import group_by_size, parse_size
 from torchkeep._entries import choose_entry
 from torchkeep._keys import apply_rename
 from torchkeep._tensors import (
@@ -405,17 +405,8 @@ class _Writer:
 
     def sharded(self, folder: Path, limit: int | None) -> int:
         """Stream into ``model-0000i-of-0000n.safetensors`` shards plus the index."""
-        groups: list[list[str]] = [[]]
-        size = 0
-        for name in self.plan:
-            if name in self.aliases:
-                continue
-            nbytes = self.plan[name].nbytes
-            if groups[-1] and limit is not None and size + nbytes > limit:
-                groups.append([])
-                size = 0
-            groups[-1].append(name)
-            size += nbytes
+        sizes = [(n, p.nbytes) for n, p in self.plan.items() if n not in self.aliases]
+        groups = group_by_size(sizes, limit) or [[]]
         weight_map: dict[str, str] = {}
         for number, names in enumerate(groups, start=1):
             file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"

@@ -397,7 +397,9 @@ def xxh3(tensor: torch.Tensor) -> str:
     return xxhash.xxh3_64_hexdigest(byte_view(tensor))
 
 
-def _alias_key(tensor: torch.Tensor) -> tuple[object, ...]:
+def alias_key(tensor: torch.Tensor) -> tuple[object, ...]:
+    """What makes two tensors one: device, storage, offset, shape, stride and dtype (for
+    sparse, nested and quantized tensors, the object itself). The one alias test there is."""
     if not is_plain(tensor):
         # Sparse and nested tensors have no single storage; they are aliases when they are
         # the same object (a tied quantized weight is one object too).
@@ -425,7 +427,7 @@ def find_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     for name, tensor in tensors.items():
         if is_plain(tensor) and tensor.numel() == 0:
             continue
-        key = _alias_key(tensor)
+        key = alias_key(tensor)
         if key in first:
             aliases[name] = first[key]
         else:

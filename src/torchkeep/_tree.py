@@ -35,7 +35,14 @@ import numpy as np
 import torch
 
 from torchkeep import _tensor_parts, _tensors
-from torchkeep._tensors import FLOAT4, NAME_FROM_DTYPE, check_saveable, is_nested, is_plain
+from torchkeep._tensors import (
+    FLOAT4,
+    NAME_FROM_DTYPE,
+    alias_key,
+    check_saveable,
+    is_nested,
+    is_plain,
+)
 from torchkeep.errors import (
     CorruptFileError,
     TorchkeepError,
@@ -235,16 +242,7 @@ class Flattener:
             return self._composite(tensor, path)
         requires_grad = tensor.requires_grad
         tensor = tensor.detach()
-        key: tuple[object, ...] | None = None
-        if tensor.numel():
-            key = (
-                tensor.device,
-                tensor.untyped_storage().data_ptr(),
-                tensor.storage_offset(),
-                tuple(tensor.shape),
-                tuple(tensor.stride()),
-                tensor.dtype,
-            )
+        key = alias_key(tensor) if tensor.numel() else None
         name = self._alias.get(key) if key is not None else None
         if name is None:
             base = name = path or "tensor"

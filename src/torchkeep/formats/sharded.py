@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from torchkeep import _json
+from torchkeep._common import group_by_size
 from torchkeep._contain import check_name, member
 from torchkeep._tensors import TensorInfo
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, UnsafeFileError
@@ -224,18 +225,11 @@ class ShardedFormat:
     def write(self, request: WriteRequest, path: Path) -> None:
         for name, tensor in request.tensors.items():
             check_storable(name, tensor)  # before any shard is started
-        limit = request.max_shard_bytes or (1 << 62)
-        groups: list[list[str]] = [[]]
-        size = 0
         stored = [n for n in request.ordered_names() if n not in request.aliases]
-        for name in stored:
-            tensor = request.tensors[name]
-            nbytes = tensor.numel() * tensor.element_size()
-            if groups[-1] and size + nbytes > limit:
-                groups.append([])
-                size = 0
-            groups[-1].append(name)
-            size += nbytes
+        sizes = [
+            (n, request.tensors[n].numel() * request.tensors[n].element_size()) for n in stored
+        ]
+        groups = group_by_size(sizes, request.max_shard_bytes) or [[]]
         count = len(groups)
         weight_map: dict[str, str] = {}
         writer = SafetensorsFormat()

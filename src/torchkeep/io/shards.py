@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from torchkeep import _json
-from torchkeep._common import MANIFEST
+from torchkeep._common import MANIFEST, group_by_size
 from torchkeep._contain import member
-from torchkeep._tensors import byte_view, dtype_name
+from torchkeep._tensors import alias_key, byte_view, dtype_name
 from torchkeep.errors import UnsafeFileError
 from torchkeep.formats._base import WriteRequest
 from torchkeep.formats.safetensors import file_plan
@@ -36,16 +36,6 @@ from torchkeep.io.write import FilePlan, checksum_views, write_files
 def shard_name(number: int) -> str:
     """``tensors-00003.safetensors``."""
     return f"tensors-{number:05d}.safetensors"
-
-
-def _tensor_key(tensor: torch.Tensor) -> tuple[object, ...]:
-    return (
-        tensor.device,
-        tensor.untyped_storage().data_ptr(),
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tensor.dtype,
-    )
 
 
 def frozen_names(
@@ -60,23 +50,15 @@ def frozen_names(
     frozen: set[tuple[object, ...]] = set()
     for value in state.values():
         if isinstance(value, torch.nn.Module):
-            frozen.update(_tensor_key(p) for p in value.parameters() if not p.requires_grad)
+            frozen.update(alias_key(p) for p in value.parameters() if not p.requires_grad)
     if not frozen:
         return frozenset()
-    return frozenset(name for name, t in tensors.items() if t.numel() and _tensor_key(t) in frozen)
+    return frozenset(name for name, t in tensors.items() if t.numel() and alias_key(t) in frozen)
 
 
 def _group(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    return shards if shards[0] else []
+    sizes = ((name, t.numel() * t.element_size()) for name, t in tensors.items())
+    return [{name: tensors[name] for name in names} for names in group_by_size(sizes, max_bytes)]
 
 
 def plan_shards(
