@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from torchkeep._dcp_io import (
     writer,
 )
 from torchkeep._manifest import manifest_header
+from torchkeep._report import LoadReport, ShapeMismatch, refusal
 from torchkeep._tree import Unflattener, map_tensors
 from torchkeep.checkpoint import _check_name
 from torchkeep.errors import InvalidStateError, KeyMismatchError, TorchkeepWarning
@@ -246,35 +247,40 @@ def write(
 # --------------------------------------------------------------------------------- restore
 
 
-def _refuse(name: str, module: torch.nn.Module, problems: dict[str, list[str]]) -> None:
-    lines = [
-        f"cannot load checkpoint entry {name!r} into {type(module).__name__}; nothing was loaded:"
-    ]
-    for label, names in problems.items():
-        if names:
-            shown = ", ".join(n.removeprefix(f"{name}.") for n in names[:8])
-            more = f" and {len(names) - 8} more" if len(names) > 8 else ""
-            lines.append(f"  {label}: {shown}{more}")
-    lines.append("Pass strict=False to load what fits.")
-    raise KeyMismatchError("\n".join(lines), None)
-
-
 def _check_module(
     name: str, module: torch.nn.Module, saved: list[str], ours: dict[str, torch.Tensor], stored: Any
 ) -> None:
     """Refuse, before anything is loaded, a module whose names or shapes differ."""
-    mismatched = [
-        f"{key} (checkpoint {tuple(stored[key].size)}, model {tuple(ours[key].shape)})"
+
+    def local(names: Iterable[str]) -> tuple[str, ...]:
+        return tuple(n.removeprefix(f"{name}.") for n in sorted(names))
+
+    mismatched = tuple(
+        ShapeMismatch(
+            key.removeprefix(f"{name}."),
+            key.removeprefix(f"{name}."),
+            tuple(stored[key].size),
+            tuple(ours[key].shape),
+        )
         for key in sorted(set(ours) & set(saved))
         if key in stored and tuple(stored[key].size) != tuple(ours[key].shape)
-    ]
-    problems = {
-        "missing": sorted(set(ours) - set(saved)),
-        "unexpected": sorted(set(saved) - set(ours)),
-        "shape mismatch": mismatched,
-    }
-    if any(problems.values()):
-        _refuse(name, module, problems)
+    )
+    missing, unexpected = local(set(ours) - set(saved)), local(set(saved) - set(ours))
+    if missing or unexpected or mismatched:
+        report = LoadReport(
+            path=name,
+            format="checkpoint entry",
+            entry=name,
+            missing=missing,
+            unexpected=unexpected,
+            mismatched=mismatched,
+        )
+        raise refusal(
+            report,
+            f"cannot load checkpoint entry {name!r} into {type(module).__name__}; nothing was "
+            "loaded (shape mismatches and names in the table):",
+            "Pass strict=False to load what fits.",
+        )
 
 
 def _destinations(
@@ -321,7 +327,7 @@ def restore(
         raise KeyMismatchError(
             f"checkpoint {str(location)!r} has no entry {', '.join(map(repr, missing))}; it "
             f"holds: {', '.join(map(repr, entries)) or 'nothing'}",
-            missing,
+            None,
         )
     storage = reader(location, options)
     metadata = storage.read_metadata()

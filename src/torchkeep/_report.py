@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+from torchkeep.errors import KeyMismatchError
 
 _MAX_ROWS = 20
 
@@ -134,6 +137,15 @@ class LoadReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def refusal(report: LoadReport, lead: str, hint: str) -> KeyMismatchError:
+    """The one error every strict load raises: ``lead``, the report's problem table, ``hint``.
+
+    The error's ``report`` is ``report`` with nothing loaded, as nothing was.
+    """
+    refused = dataclasses.replace(report, loaded=(), tied=())
+    return KeyMismatchError(f"{lead}\n{refused.table(problems_only=True)}\n{hint}", refused)
 
 
 def _shape(shape: tuple[int, ...]) -> str:

@@ -25,11 +25,11 @@ import torch
 
 from torchkeep._common import unwrap
 from torchkeep._keys import plan_keys, strip_compile_segments
+from torchkeep._report import LoadReport, ShapeMismatch, refusal
 from torchkeep._stubs import find_stubs, is_module_like, module_state_dict
 from torchkeep.errors import (
     CorruptFileError,
     InvalidStateError,
-    KeyMismatchError,
     TorchkeepWarning,
 )
 
@@ -110,30 +110,31 @@ def _module_plan(
     dest = unwrap(target)
     own = dest.state_dict()
     plan = plan_keys(list(saved), list(own))
-    bad = {
-        dst: f"{dst} (checkpoint {tuple(saved[src].shape)}, model {tuple(own[dst].shape)})"
+    mismatched = [
+        ShapeMismatch(dst, src, tuple(saved[src].shape), tuple(own[dst].shape))
         for dst, src in plan.pairs.items()
         if isinstance(saved[src], torch.Tensor)
         and isinstance(own[dst], torch.Tensor)
         and saved[src].shape != own[dst].shape
-    }
-    mismatched = list(bad.values())
+    ]
+    bad = {m.name for m in mismatched}
     if strict and (plan.missing or plan.unexpected or mismatched):
-        lines = [
-            f"cannot load checkpoint entry {name!r} into {type(dest).__name__}; nothing was loaded:"
-        ]
-        for label, names in (
-            ("missing", plan.missing),
-            ("unexpected", plan.unexpected),
-            ("shape mismatch", mismatched),
-        ):
-            if names:
-                shown = ", ".join(names[:8]) + (
-                    f" and {len(names) - 8} more" if len(names) > 8 else ""
-                )
-                lines.append(f"  {label}: {shown}")
-        lines.append("Pass strict=False to load what fits.")
-        raise KeyMismatchError("\n".join(lines), plan)
+        report = LoadReport(
+            path=name,
+            format="checkpoint entry",
+            entry=name,
+            missing=plan.missing,
+            unexpected=plan.unexpected,
+            mismatched=tuple(mismatched),
+            renamed=plan.renamed,
+            prefixes=plan.prefixes,
+        )
+        raise refusal(
+            report,
+            f"cannot load checkpoint entry {name!r} into {type(dest).__name__}; nothing was "
+            "loaded (shape mismatches and names in the table):",
+            "Pass strict=False to load what fits.",
+        )
     mapped: OrderedDict[str, Any] = OrderedDict(
         (dst, saved[src]) for dst, src in plan.pairs.items() if dst not in bad
     )

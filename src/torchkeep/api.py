@@ -37,7 +37,7 @@ from torchkeep._keys import (
 from torchkeep._loading import Loader, Outcome, warn_conflicts
 from torchkeep._locate import needs_staging, readable, writable
 from torchkeep._module_info import ModuleInfo, inspect_module
-from torchkeep._report import LoadReport
+from torchkeep._report import LoadReport, refusal
 from torchkeep._tensors import (
     check_saveable,
     find_aliases,
@@ -584,15 +584,11 @@ def load(
         loader = Loader(model, source, chosen, plan, state)
         outcome = loader.check(trial=strict, assign=assign)
         if strict and not outcome.ok:
-            refused = dataclasses.replace(
-                _report(source, choice, plan, outcome, loader), loaded=(), tied=()
-            )
-            raise KeyMismatchError(
-                "strict load refused, nothing was loaded:\n"
-                + refused.table(problems_only=True)
-                + "\nPass strict=False to load what fits, include=/exclude= to load part of "
-                "the model, or rename= to fix names.",
-                refused,
+            raise refusal(
+                _report(source, choice, plan, outcome, loader),
+                "strict load refused, nothing was loaded:",
+                "Pass strict=False to load what fits, include=/exclude= to load part of the "
+                "model, or rename= to fix names.",
             )
         warn_conflicts(outcome)
         if verify:

@@ -660,7 +660,7 @@ def _restore(
         raise KeyMismatchError(
             f"checkpoint {str(path)!r} has no entry {', '.join(map(repr, missing))}; it holds: "
             + (", ".join(map(repr, values)) or "nothing"),
-            missing,
+            None,
         )
     # Every target is checked before any is touched, so a mismatch leaves all of them as
     # they were.

@@ -118,7 +118,9 @@ class KeyMismatchError(TorchkeepError, KeyError):
     """A strict load found missing, unexpected or shape-mismatched keys.
 
     Attributes:
-        report: the :class:`~torchkeep.LoadReport` of the attempted load; nothing was loaded.
+        report: the :class:`~torchkeep.LoadReport` of the attempted load (nothing was loaded),
+            or None when there was nothing to compare (a checkpoint without the entry asked
+            for, ``rename="by_position"`` on sides that do not line up).
     """
 
     def __init__(self, message: str, report: object) -> None:
