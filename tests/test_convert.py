@@ -76,7 +76,7 @@ def test_output_loads_in_other_tools(tmp_path: Path, reference: dict[str, torch.
 @pytest.mark.parametrize("output", ["tied.safetensors", "tied.pt", "tied_shards"])
 def test_tied_weights_stay_tied(tmp_path: Path, output: str) -> None:
     dest = tmp_path / output
-    result = convert(GOLDEN / "tied.pt", dest, shard_size="1GB" if "shards" in output else None)
+    result = convert(GOLDEN / "tied.pt", dest, max_shard_size="1GB" if "shards" in output else None)
     assert result.tensors == 2
     assert result.nbytes == 160  # stored once
     state = tk.load_state_dict(dest)
@@ -99,7 +99,7 @@ def test_sharding_respects_the_limit(tmp_path: Path) -> None:
     source = tmp_path / "m.safetensors"
     tk.save({f"w{i}": torch.randn(100) for i in range(10)}, source)  # 400 bytes each
     dest = tmp_path / "shards"
-    result = convert(source, dest, shard_size=1000)
+    result = convert(source, dest, max_shard_size=1000)
     assert result.files == 5
     index = json.loads((dest / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == 4000
@@ -149,7 +149,7 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
     calls["n"] = 0
     with pytest.raises(OSError, match="simulated"):
-        convert(GOLDEN / "net.safetensors", tmp_path / "shards", shard_size=300)
+        convert(GOLDEN / "net.safetensors", tmp_path / "shards", max_shard_size=300)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
 

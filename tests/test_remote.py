@@ -180,3 +180,65 @@ def _restored(mgr: tk.CheckpointManager) -> nn.Module:
     other = net()
     mgr.restore(model=other)
     return other
+
+
+def test_every_reading_verb_takes_urls_and_hashes(tmp_path: Any) -> None:
+    import hashlib
+
+    from torchkeep._convert import convert
+
+    model = net()
+    local = tmp_path / "m.safetensors"
+    tk.save(model, local)
+    digest = hashlib.sha256(local.read_bytes()).hexdigest()
+    tk.save(model, "memory://tk-verbs/m.safetensors")
+    tk.save_checkpoint("memory://tk-verbs/ckpt.pt", model=model, epoch=4, rng=False)
+    linear = nn.Linear(4, 2)
+    tk.save_model(linear, tmp_path / "rebuild.safetensors")
+    # load_checkpoint: a URL, and a local file checked against its hash
+    other = net()
+    extra = tk.load_checkpoint("memory://tk-verbs/ckpt.pt", model=other)
+    assert extra["epoch"] == 4 and same(model, other)
+    with pytest.raises(tk.ChecksumError):
+        tk.load_checkpoint(local, sha256="0" * 64)
+    # load_model: a hash that matches, and one that does not
+    rebuilt = tk.load_model(tmp_path / "rebuild.safetensors", sha256=None)
+    assert torch.equal(rebuilt.weight, linear.weight)
+    with pytest.raises(tk.ChecksumError):
+        tk.load_model(tmp_path / "rebuild.safetensors", sha256="0" * 64)
+    # convert: a URL in, a URL out, a hash on the source
+    result = convert("memory://tk-verbs/m.safetensors", "memory://tk-verbs/out.pt")
+    assert result.path == "memory://tk-verbs/out.pt"
+    assert same(model, _loaded("memory://tk-verbs/out.pt"))
+    convert(local, tmp_path / "checked.pt", sha256=digest)
+    with pytest.raises(tk.ChecksumError):
+        convert(local, tmp_path / "unchecked.pt", sha256="f" * 64)
+    assert not (tmp_path / "unchecked.pt").exists()
+    with pytest.warns(DeprecationWarning, match="max_shard_size"):
+        convert(local, tmp_path / "shards", shard_size=10_000)
+
+
+def test_every_writing_verb_writes_to_the_url_not_a_local_folder(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fsspec
+
+    monkeypatch.chdir(tmp_path)  # a verb that took the URL for a local path writes here
+    linear = nn.Linear(4, 2)
+    assert tk.save_model(linear, "memory://tk-writers/m.safetensors") == (
+        "memory://tk-writers/m.safetensors"
+    )
+    tk.save_checkpoint("memory://tk-writers/ckpt", model=linear, epoch=1, rng=False)
+    tk.save_checkpoint("memory://tk-writers/ckpt.pt", model=linear, epoch=2, rng=False)
+    result = tk.export(linear, (torch.randn(1, 4),), "memory://tk-writers/m.pt2")
+    assert result.path == "memory://tk-writers/m.pt2" and result.ok
+    assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())
+    names = {
+        p.rsplit("/", 1)[-1] for p in fsspec.filesystem("memory").ls("/tk-writers", detail=False)
+    }
+    assert {"m.safetensors", "ckpt", "ckpt.pt", "m.pt2"} <= names
+    assert torch.equal(tk.load_model("memory://tk-writers/m.safetensors").weight, linear.weight)
+    assert tk.load_checkpoint("memory://tk-writers/ckpt")["epoch"] == 1
+    assert tk.load_checkpoint("memory://tk-writers/ckpt.pt")["epoch"] == 2
+    verified = tk.verify("memory://tk-writers/m.safetensors")
+    assert verified.ok and verified.path == "memory://tk-writers/m.safetensors"

@@ -13,9 +13,11 @@ Everything is written under a temporary name and renamed into place when complet
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch
 from torchkeep._common import group_by_size, parse_size
 from torchkeep._entries import choose_entry
 from torchkeep._keys import apply_rename
+from torchkeep._locate import needs_staging, readable, writable
 from torchkeep._tensors import (
     FLOAT4,
     NAME_FROM_DTYPE,
@@ -186,12 +189,15 @@ def convert(
     entry: str | None = None,
     strip_prefix: Sequence[str] = (),
     rename: Sequence[tuple[str, str]] = (),
-    shard_size: int | str | None = None,
+    max_shard_size: int | str | None = None,
     metadata: Mapping[str, str] | None = None,
     trust: bool = False,
     allow_globals: Iterable[str] = (),
     progress: Progress | None = None,
     durable: bool = True,
+    sha256: str | None = None,
+    check_hash: bool = False,
+    shard_size: int | str | None = None,
 ) -> ConvertResult:
     """Write the weights of ``source`` (any supported format) to ``dest`` in another format.
 
@@ -205,12 +211,18 @@ def convert(
         entry: which tensor dict of a checkpoint dict to write (default: its weights).
         strip_prefix: prefixes removed from the start of every name that has them.
         rename: ``(regex, replacement)`` rules applied to every name after ``strip_prefix``.
-        shard_size: largest shard (bytes or ``"2GB"``); writes a sharded folder.
+        max_shard_size: largest shard (bytes or ``"2GB"``); writes a sharded folder (the name
+            :func:`torchkeep.save` uses; ``shard_size=`` is its deprecated spelling).
         metadata: strings added to the source's own metadata.
         trust: unpickle without the allowlist. Only for files whose author you trust.
         allow_globals: extra ``"module.name"`` globals the allowlist accepts.
         progress: called after each tensor with (bytes written so far, bytes to write).
         durable: fsync the result before and after its rename.
+        sha256: the source's expected SHA-256 (hex, or a prefix of it).
+        check_hash: take the expected hash prefix from the source's name (torch.hub style).
+
+    ``source`` and ``dest`` may be URLs: ``http(s)://`` sources are downloaded once into
+    ``$TORCHKEEP_CACHE``, fsspec URLs (``s3://...``) are staged locally.
 
     Returns:
         A :class:`ConvertResult`.
@@ -223,6 +235,35 @@ def convert(
     Example:
         >>> convert("ckpt.pt", "model.safetensors", dtype="bfloat16", strip_prefix=["module."])
     """
+    if shard_size is not None:
+        warnings.warn(
+            "convert(shard_size=...) is now max_shard_size=..., as in torchkeep.save",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        max_shard_size = shard_size if max_shard_size is None else max_shard_size
+    if needs_staging(source, sha256, check_hash) or needs_staging(dest):
+        with (
+            readable(source, sha256=sha256, check_hash=check_hash) as local_source,
+            writable(dest) as local_dest,
+        ):
+            result = convert(
+                local_source,
+                local_dest,
+                format=format,
+                dtype=dtype,
+                entry=entry,
+                strip_prefix=strip_prefix,
+                rename=rename,
+                max_shard_size=max_shard_size,
+                metadata=metadata,
+                trust=trust,
+                allow_globals=allow_globals,
+                progress=progress,
+                durable=durable,
+            )
+        return dataclasses.replace(result, source=os.fspath(source), path=os.fspath(dest))
+    shard_size = max_shard_size
     src, dst = Path(os.fspath(source)), Path(os.fspath(dest))
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise InvalidArgumentError(f"the output {str(dst)!r} is the input; write to another path")

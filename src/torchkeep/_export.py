@@ -8,6 +8,7 @@ branch, an op the exporter approximates) shows up as a number rather than in pro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from torchkeep._common import PathLike, unwrap
+from torchkeep._locate import needs_staging, writable
 from torchkeep._model import warn_if_training
 from torchkeep.errors import ExportError, InvalidArgumentError, InvalidStateError, TorchkeepWarning
 from torchkeep.storage.local import atomic_file
@@ -223,6 +225,10 @@ def export(
             + ("; the inputs and the path are swapped" if swapped else "")
             + ": call torchkeep.export(model, example_inputs, path)"
         )
+    if needs_staging(path):
+        with writable(path) as local:
+            staged = export(model, example_inputs, local, format=format, atol=atol, rtol=rtol)
+        return dataclasses.replace(staged, path=os.fspath(path))
     target = Path(os.fspath(path))
     kind = _format_of(target, format)
     module = unwrap(model)

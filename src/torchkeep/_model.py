@@ -31,6 +31,7 @@ from torchkeep._assign import check_floating
 from torchkeep._common import SAFETENSORS_SUFFIX, PathLike, unwrap
 from torchkeep._contain import member
 from torchkeep._device import check_device
+from torchkeep._locate import needs_staging, readable, writable
 from torchkeep._stubs import find_stubs, is_module_like
 from torchkeep._unpickle import safe_torch_load
 from torchkeep.api import load, save, state_of
@@ -191,7 +192,10 @@ def _same(value: Any, default: Any) -> bool:
 
 
 def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in state_of(model).items()}
+    try:
+        return {name: tuple(t.shape) for name, t in state_of(model).items()}
+    except InvalidStateError:  # a rebuilt module without tensors: nothing to compare
+        return {}
 
 
 def _layer_types(model: torch.nn.Module) -> dict[str, type]:
@@ -280,7 +284,7 @@ def save_model(
     init: Mapping[str, Any] | None = None,
     metadata: Mapping[str, str] | None = None,
     max_shard_size: int | str | None = None,
-) -> Path:
+) -> Path | str:
     """Save weights plus what rebuilds the model: its class's import path and init arguments.
 
     No pickle: the file is safetensors (or a sharded safetensors folder) whose metadata holds
@@ -324,6 +328,10 @@ def save_model(
                 else ""
             )
         )
+    if needs_staging(path):
+        with writable(path) as local:
+            save_model(model, local, init=init, metadata=metadata, max_shard_size=max_shard_size)
+        return os.fspath(path)
     module = unwrap(model)
     cls = type(module)
     if "<locals>" in cls.__qualname__:
@@ -527,6 +535,8 @@ def load_model(
     trust: bool = False,
     allow_globals: Iterable[str] = (),
     train: bool = False,
+    sha256: str | None = None,
+    check_hash: bool = False,
 ) -> torch.nn.Module:
     """Rebuild a working model from a file, without its pickle where possible.
 
@@ -546,6 +556,11 @@ def load_model(
             a TorchScript or torch.export program.
         allow_globals: extra ``"module.name"`` globals the allowlist accepts.
         train: leave the model in training mode (default: ``eval()``).
+        sha256: the file's expected SHA-256 (hex, or a prefix of it).
+        check_hash: take the expected hash prefix from the file name (torch.hub style).
+
+    ``path`` may be an ``http(s)://`` URL (downloaded once into ``$TORCHKEEP_CACHE``) or an
+    fsspec URL (``s3://...``).
 
     Returns:
         The model, in eval mode unless ``train=True``.
@@ -572,6 +587,16 @@ def load_model(
             f"cls= takes an nn.Module subclass to build, got {_describe(cls)}; pass the class "
             "itself (cls=Net), not an instance or a function"
         )
+    if needs_staging(path, sha256, check_hash):
+        with readable(path, sha256=sha256, check_hash=check_hash) as local:
+            return load_model(
+                local,
+                cls=cls,
+                device=device,
+                trust=trust,
+                allow_globals=allow_globals,
+                train=train,
+            )
     where = Path(os.fspath(path))
     target = str(check_device(device, f"load {str(where)!r}"))
     resolved, fmt = detect(where)

@@ -31,6 +31,7 @@ from pathlib import Path
 import xxhash
 
 from torchkeep._contain import member
+from torchkeep._locate import needs_staging, readable
 from torchkeep._torch_files import MAX_COMPRESSED_PICKLE
 from torchkeep.errors import (
     CheckpointNotFoundError,
@@ -326,6 +327,11 @@ def verify(
         >>> result.ok, result.checksums
         (True, 42)
     """
+    if needs_staging(path):
+        with readable(path) as local:
+            staged = verify(local, trust=trust, allow_globals=allow_globals, progress=progress)
+        staged.path = os.fspath(path)
+        return staged
     where = Path(os.fspath(path))
     result = VerifyResult(str(where))
     try:

@@ -29,6 +29,7 @@ from torchkeep import _json, _state
 from torchkeep._common import MANIFEST, OBJECTS, TEMP_MARKER, TORCH_SUFFIXES, parse_size
 from torchkeep._contain import check_name, member
 from torchkeep._device import check_device
+from torchkeep._locate import needs_staging, readable, writable
 from torchkeep._manifest import check_format, manifest_header, now, number, plain_json
 from torchkeep._stubs import StubObject, find_stubs, is_module_like
 from torchkeep._tensors import DTYPE_FROM_NAME, dtype_name, to_cpu_contiguous, xxh3
@@ -761,7 +762,7 @@ def save_checkpoint(
     max_shard_size: int | str = DEFAULT_SHARD_SIZE,
     format: Literal["native", "torch"] | None = None,
     **state: object,
-) -> Path:
+) -> Path | str:
     """Save a training state, atomically.
 
     Each keyword is one entry: modules (saved unwrapped, under canonical names), optimizers,
@@ -784,7 +785,7 @@ def save_checkpoint(
         **state: the entries to save. Names starting with ``__`` are reserved.
 
     Returns:
-        The path written.
+        The path written (the URL, for a URL).
 
     Raises:
         UnsupportedValueError: a value that cannot be stored without pickle; the message
@@ -795,7 +796,23 @@ def save_checkpoint(
 
     Example:
         >>> save_checkpoint("ckpt/epoch-3", model=model, optimizer=opt, epoch=3, args=args)
+
+    ``path`` may be an fsspec URL (``s3://bucket/ckpt.pt``): written locally, then uploaded
+    (a folder's manifest last); the URL is returned.
     """
+    if needs_staging(path):
+        with writable(path) as local:
+            save_checkpoint(
+                local,
+                rng=rng,
+                metrics=metrics,
+                metadata=metadata,
+                allow_pickle=allow_pickle,
+                max_shard_size=max_shard_size,
+                format=format,
+                **state,
+            )
+        return os.fspath(path)
     target = _as_path(path, "save_checkpoint")
     if _format_for(target, format) == "torch":
         _save_torch(
@@ -818,6 +835,8 @@ def load_checkpoint(
     allow_globals: Iterable[str] = (),
     strict: bool = True,
     device: str | torch.device = "cpu",
+    sha256: str | None = None,
+    check_hash: bool = False,
     **targets: object,
 ) -> dict[str, Any]:
     """Load a training state, restoring the objects passed as keywords in place.
@@ -845,7 +864,12 @@ def load_checkpoint(
             pickled objects of those classes load without ``trust`` (nothing else runs).
         strict: refuse module states whose names or shapes do not match exactly.
         device: where returned tensors go (restored objects keep their own devices).
+        sha256: the file's expected SHA-256 (hex, or a prefix of it).
+        check_hash: take the expected hash prefix from the file name (torch.hub style).
         **targets: objects to restore, by entry name.
+
+    ``path`` may be an ``http(s)://`` URL (downloaded once into ``$TORCHKEEP_CACHE``) or an
+    fsspec URL (``s3://...``).
 
     Returns:
         ``{name: value}`` for every entry not restored in place.
@@ -865,6 +889,42 @@ def load_checkpoint(
         >>> extra["epoch"]
         3
     """
+    if needs_staging(path, sha256, check_hash):
+        with readable(path, sha256=sha256, check_hash=check_hash) as local:
+            return restore_from(
+                local,
+                targets,
+                rng=rng,
+                verify=verify,
+                trust=trust,
+                allow_globals=allow_globals,
+                strict=strict,
+                device=device,
+            )
+    return restore_from(
+        path,
+        targets,
+        rng=rng,
+        verify=verify,
+        trust=trust,
+        allow_globals=allow_globals,
+        strict=strict,
+        device=device,
+    )
+
+
+def restore_from(
+    path: PathLike,
+    targets: Mapping[str, object],
+    *,
+    rng: bool,
+    verify: bool,
+    trust: bool,
+    allow_globals: Iterable[str],
+    strict: bool,
+    device: str | torch.device,
+) -> dict[str, Any]:
+    """:func:`load_checkpoint` of a local path, with the targets as a mapping."""
     source = _as_path(path, "load_checkpoint")
     check_device(device, f"load {str(source)!r}")
     if source.name == MANIFEST and source.is_file():

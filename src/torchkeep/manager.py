@@ -29,7 +29,7 @@ from torchkeep.checkpoint import (
     DEFAULT_SHARD_SIZE,
     Snapshot,
     StagingPool,
-    load_checkpoint,
+    restore_from,
     take_snapshot,
     write_native,
 )
@@ -483,15 +483,15 @@ class CheckpointManager:
                 options=self._storage_options,
             )
         with self._steps.local_copy(location) as local:
-            return load_checkpoint(
+            return restore_from(
                 local,
+                targets,
                 verify=verify,
                 trust=trust,
                 allow_globals=allow_globals,
                 strict=strict,
                 rng=rng,
                 device=device,
-                **targets,
             )
 
     def close(self) -> None:

@@ -130,7 +130,7 @@ def command(
             entry=entry,
             strip_prefix=strip_prefix,
             rename=rules,
-            shard_size=shard_size,
+            max_shard_size=shard_size,
             trust=trust,
             allow_globals=allow_globals,
             progress=update,
