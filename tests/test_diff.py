@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import torchkeep as tk
-from torchkeep._diff import compare_values, diff_files, diff_states
+from torchkeep._diff import compare_values, diff, diff_states
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 NAN, INF = float("nan"), float("inf")
@@ -125,16 +125,16 @@ def test_complex_values() -> None:
 
 def test_files_across_formats_are_identical(tmp_path: Path) -> None:
     for name in ("net_state_dict_legacy.pt", "net_sharded", "net_sharded_bin", "cuda_saved.pt"):
-        report = diff_files(GOLDEN / "net.safetensors", GOLDEN / name)
+        report = diff(GOLDEN / "net.safetensors", GOLDEN / name)
         assert report.same(), (name, report.summary())
-    report = diff_files(GOLDEN / "net_state_dict.pt", GOLDEN / "net_lightning.ckpt")
+    report = diff(GOLDEN / "net_state_dict.pt", GOLDEN / "net_lightning.ckpt")
     assert report.entry_b == "state_dict"
     assert report.same(ignore_renames=True) and not report.same()
 
 
 def test_progress_reaches_the_total() -> None:
     seen: list[tuple[int, int]] = []
-    diff_files(
+    diff(
         GOLDEN / "net.safetensors",
         GOLDEN / "net_sharded",
         progress=lambda done, total: seen.append((done, total)),
@@ -144,7 +144,7 @@ def test_progress_reaches_the_total() -> None:
 
 
 def test_flipped_bit_in_golden_file() -> None:
-    report = diff_files(GOLDEN / "net.safetensors", GOLDEN / "flipped_data.safetensors")
+    report = diff(GOLDEN / "net.safetensors", GOLDEN / "flipped_data.safetensors")
     changed = [t for t in report.tensors if t.differs]
     assert [t.name_a for t in changed] == ["conv.weight"]
     assert changed[0].max_abs == pytest.approx(abs(-0.17929497361183167 - -0.24179497361183167))
@@ -153,7 +153,7 @@ def test_flipped_bit_in_golden_file() -> None:
 def test_entry_option_applies_to_both(tmp_path: Path) -> None:
     path = tmp_path / "ckpt.pt"
     torch.save({"model": {"w": torch.ones(2)}, "ema": {"w": torch.zeros(2)}}, path)
-    assert diff_files(path, path, entry="ema").entry_a == "ema"
+    assert diff(path, path, entry="ema").entry_a == "ema"
     tk.save({"w": torch.zeros(2)}, tmp_path / "z.safetensors")
     with pytest.raises(KeyError, match="no tensor dict"):
-        diff_files(path, tmp_path / "z.safetensors", entry="ema")
+        diff(path, tmp_path / "z.safetensors", entry="ema")

@@ -7,6 +7,10 @@
 
 from __future__ import annotations
 
+from torchkeep._convert import ConvertResult as ConvertResult
+from torchkeep._convert import convert as convert
+from torchkeep._diff import DiffReport as DiffReport
+from torchkeep._diff import diff as diff
 from torchkeep._export import ExportResult as ExportResult
 from torchkeep._export import export as export
 from torchkeep._info import CheckpointInfo as CheckpointInfo
@@ -60,6 +64,8 @@ __all__ = [
     "AnyOf",
     "CheckpointManager",
     "CheckpointWriteError",
+    "ConvertResult",
+    "DiffReport",
     "KeepBest",
     "KeepEvery",
     "KeepLast",
@@ -94,6 +100,8 @@ __all__ = [
     "UnsafeFileError",
     "UnsupportedTensorError",
     "__version__",
+    "convert",
+    "diff",
     "export",
     "inspect",
     "load",

@@ -19,6 +19,7 @@ import torch
 
 from torchkeep._entries import default_entry
 from torchkeep._keys import plan_keys
+from torchkeep._locate import needs_staging, readable
 from torchkeep._tensors import TensorInfo, dtype_name, to_cpu_contiguous, xxh3
 from torchkeep.formats._base import OpenOptions, Source
 from torchkeep.formats.registry import open_source
@@ -186,7 +187,7 @@ def diff_states(
     return DiffReport("a", "b", "", "", *outcome, atol, rtol)
 
 
-def diff_files(
+def diff(
     path_a: str | os.PathLike[str],
     path_b: str | os.PathLike[str],
     *,
@@ -212,7 +213,25 @@ def diff_files(
 
     Returns:
         A :class:`DiffReport`.
+
+    Either path may be a URL (downloaded or staged first, as for :func:`torchkeep.load`).
+
+    Example:
+        >>> report = torchkeep.diff("base.safetensors", "finetuned.safetensors", atol=1e-6)
+        >>> print(report.summary())
     """
+    if needs_staging(path_a) or needs_staging(path_b):
+        with readable(path_a) as local_a, readable(path_b) as local_b:
+            return diff(
+                local_a,
+                local_b,
+                entry=entry,
+                atol=atol,
+                rtol=rtol,
+                trust=trust,
+                allow_globals=allow_globals,
+                progress=progress,
+            )
     options = OpenOptions(trust=trust, allow_globals=tuple(allow_globals), mmap=True)
     with (
         open_source(Path(os.fspath(path_a)), options) as src_a,

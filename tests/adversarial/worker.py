@@ -121,7 +121,7 @@ def run_verb(verb: str, path: str, built: dict[str, Any], key: str) -> dict[str,
     elif verb == "convert":
         _convert.convert(path, out)
     elif verb == "diff":
-        _diff.diff_files(path, built["reference"])
+        _diff.diff(path, built["reference"])
     elif verb == "safe_pickle_load":
         _unpickle.safe_pickle_load(Path(path).read_bytes(), path=path)
     else:

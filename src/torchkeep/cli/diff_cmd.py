@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.text import Text
 
-from torchkeep._diff import DiffReport, Rename, TensorDiff, diff_files
+from torchkeep._diff import DiffReport, Rename, TensorDiff, diff
 from torchkeep.cli._app import (
     EXIT_FOUND,
     EXIT_OK,
@@ -100,7 +100,7 @@ def command(
     removed, or the same bytes appear under another name.
     """
     with progress_bar("comparing") as update:
-        report = diff_files(
+        report = diff(
             a,
             b,
             entry=entry,
