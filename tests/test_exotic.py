@@ -680,7 +680,7 @@ def test_convert_keeps_each_kind_or_refuses_it(kind: str, tmp_path: Path) -> Non
         ("torch-legacy", "l.pt"),
         ("sharded", "o"),
     ]:
-        options = {"shard_size": 16} if fmt == "sharded" else {}
+        options = {"max_shard_size": 16} if fmt == "sharded" else {}
         if fmt in _holders(value):
             convert(source, tmp_path / path, format=fmt, **options)  # type: ignore[arg-type]
             assert same(value, tk.load_state_dict(tmp_path / path)["t"]), fmt

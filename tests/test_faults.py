@@ -23,6 +23,7 @@ from unittest import mock
 import pytest
 import torch
 
+import torchkeep as tk
 from torchkeep.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from torchkeep.manager import CheckpointManager
 
@@ -218,3 +219,33 @@ def test_enospc_while_writing_a_pt_file_keeps_the_previous_one(tmp_path: Path) -
     assert caught.value.errno == errno.ENOSPC and "nothing was committed" in str(caught.value)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
     assert load_checkpoint(path)["epoch"] == 1
+
+
+@pytest.mark.parametrize("verb", ["save", "save-pt", "save-sharded", "convert"])
+def test_a_full_disk_in_save_and_convert_is_a_typed_write_error(tmp_path: Path, verb: str) -> None:
+    model = torch.nn.Linear(64, 64)
+    source = tmp_path / "source.safetensors"
+    tk.save(model, source)
+    targets = {
+        "save": tmp_path / "w.safetensors",
+        "save-pt": tmp_path / "w.pt",
+        "save-sharded": tmp_path / "shards",
+        "convert": tmp_path / "c.pt",
+    }
+    target = targets[verb]
+    calls = {
+        "save": lambda: tk.save(model, target),
+        "save-pt": lambda: tk.save(model, target),
+        "save-sharded": lambda: tk.save(model, target, max_shard_size=4096),
+        "convert": lambda: tk.convert(source, target),
+    }
+    # The first fsync fails as a full disk would; every writer fsyncs before committing.
+    with (
+        mock.patch("os.fsync", fail_on_call(os.fsync, 1)),
+        pytest.raises(tk.CheckpointWriteError) as caught,
+    ):
+        calls[verb]()
+    assert isinstance(caught.value, OSError) and caught.value.errno == errno.ENOSPC
+    assert str(target) in str(caught.value) and "untouched" in str(caught.value)
+    assert not target.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["source.safetensors"]

@@ -50,7 +50,6 @@ from torchkeep.errors import (
     InvalidArgumentError,
     InvalidStateError,
     KeyMismatchError,
-    TorchkeepError,
     UnsafeFileError,
 )
 from torchkeep.formats._base import OpenOptions
@@ -58,7 +57,7 @@ from torchkeep.formats.safetensors import SafetensorsSource
 from torchkeep.io.recycle import RecycleBin
 from torchkeep.io.shards import frozen_names, write_shards
 from torchkeep.io.write import write_all
-from torchkeep.storage.local import atomic_dir, atomic_file, temp_sibling
+from torchkeep.storage.local import atomic_dir, atomic_file, disk_error, temp_sibling
 
 PathLike = str | os.PathLike[str]
 
@@ -321,8 +320,9 @@ def write_native(
             _fill(temp, snapshot, max_bytes, previous, recycle)
     except BaseException as exc:
         undone = _undo(target, snapshot.manifest["id"])
-        if isinstance(exc, OSError) and not isinstance(exc, TorchkeepError):
-            raise _write_error(exc, target, undone) from exc
+        disk = disk_error(exc)
+        if disk is not None:
+            raise _write_error(disk, target, undone) from disk
         raise
     return target
 
@@ -748,7 +748,10 @@ def _save_torch(
             # A Python file object, so a full disk surfaces as an OSError.
             torch.save(payload, f)
     except OSError as exc:
-        raise _write_error(exc, path) from exc
+        disk = disk_error(exc)
+        if disk is None:
+            raise
+        raise _write_error(disk, path) from disk
 
 
 def save_checkpoint(

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from torchkeep._common import TEMP_MARKER
+from torchkeep.errors import CheckpointWriteError, TorchkeepError
 
 
 def fsync_dir(path: Path) -> None:
@@ -40,6 +41,27 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex[:12]}{path.suffix}")
 
 
+def write_failed(exc: OSError, target: Path) -> CheckpointWriteError:
+    """A disk's refusal (full, read-only, I/O error) while writing ``target``, typed."""
+    where = f" (while writing {exc.filename})" if exc.filename else ""
+    message = (
+        f"could not write {str(target)!r}: {exc.strerror or exc}{where}; nothing was written "
+        "there and what was there before is untouched"
+    )
+    if exc.errno is not None:
+        return CheckpointWriteError(exc.errno, message)
+    return CheckpointWriteError(message)
+
+
+def disk_error(exc: BaseException) -> OSError | None:
+    """The disk's own error behind ``exc`` (unwrapping :func:`write_failed`), or None."""
+    if isinstance(exc, CheckpointWriteError) and isinstance(exc.__cause__, OSError):
+        return exc.__cause__
+    if isinstance(exc, OSError) and not isinstance(exc, TorchkeepError):
+        return exc
+    return None
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str], *, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` in one step.
@@ -60,9 +82,11 @@ def atomic_file(path: str | os.PathLike[str], *, durable: bool = True) -> Iterat
         os.replace(temp, final)
         if durable:
             fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, TorchkeepError):
+            raise write_failed(exc, final) from exc
         raise
 
 
@@ -93,6 +117,8 @@ def atomic_dir(path: str | os.PathLike[str], *, durable: bool = True) -> Iterato
             fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, TorchkeepError):
+            raise write_failed(exc, final) from exc
         raise
