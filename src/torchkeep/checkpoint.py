@@ -892,28 +892,22 @@ def load_checkpoint(
         >>> extra["epoch"]
         3
     """
-    if needs_staging(path, sha256, check_hash):
-        with readable(path, sha256=sha256, check_hash=check_hash) as local:
-            return restore_from(
-                local,
-                targets,
-                rng=rng,
-                verify=verify,
-                trust=trust,
-                allow_globals=allow_globals,
-                strict=strict,
-                device=device,
-            )
-    return restore_from(
-        path,
-        targets,
-        rng=rng,
-        verify=verify,
-        trust=trust,
-        allow_globals=allow_globals,
-        strict=strict,
-        device=device,
+    staged = (
+        readable(path, sha256=sha256, check_hash=check_hash)
+        if needs_staging(path, sha256, check_hash)
+        else contextlib.nullcontext(path)
     )
+    with staged as local:
+        return restore_from(
+            local,
+            targets,
+            rng=rng,
+            verify=verify,
+            trust=trust,
+            allow_globals=allow_globals,
+            strict=strict,
+            device=device,
+        )
 
 
 def restore_from(
