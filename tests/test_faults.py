@@ -249,3 +249,44 @@ def test_a_full_disk_in_save_and_convert_is_a_typed_write_error(tmp_path: Path, 
     assert str(target) in str(caught.value) and "untouched" in str(caught.value)
     assert not target.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["source.safetensors"]
+
+
+# ------------------------------------------------------------------------- read errors
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize(
+    ("code", "error", "builtin"),
+    [
+        (errno.EACCES, tk.FileAccessError, PermissionError),
+        (errno.EIO, tk.CheckpointReadError, OSError),
+    ],
+    ids=["permission", "io-error"],
+)
+def test_operating_system_errors_while_reading_are_typed(
+    tmp_path: Path, suffix: str, code: int, error: type[Exception], builtin: type[Exception]
+) -> None:
+    path = tk.save(torch.nn.Linear(3, 2), tmp_path / f"w{suffix}")
+    real_os_open, real_open = os.open, open
+
+    def refuse(name: Any) -> None:
+        if os.fspath(name) == str(path):
+            raise OSError(code, os.strerror(code), str(path))
+
+    def os_open(name: Any, *args: Any, **kwargs: Any) -> Any:
+        refuse(name)
+        return real_os_open(name, *args, **kwargs)
+
+    def builtin_open(name: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(name, str | os.PathLike):
+            refuse(name)
+        return real_open(name, *args, **kwargs)
+
+    with (
+        mock.patch("os.open", os_open),
+        mock.patch("builtins.open", builtin_open),
+        pytest.raises(error) as caught,
+    ):
+        tk.load_state_dict(path)
+    assert isinstance(caught.value, builtin) and isinstance(caught.value, tk.TorchkeepError)
+    assert caught.value.errno == code and str(path) in str(caught.value)

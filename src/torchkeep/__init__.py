@@ -33,6 +33,7 @@ from torchkeep.api import save as save
 from torchkeep.checkpoint import load_checkpoint as load_checkpoint
 from torchkeep.checkpoint import save_checkpoint as save_checkpoint
 from torchkeep.errors import CheckpointNotFoundError as CheckpointNotFoundError
+from torchkeep.errors import CheckpointReadError as CheckpointReadError
 from torchkeep.errors import CheckpointWriteError as CheckpointWriteError
 from torchkeep.errors import ChecksumError as ChecksumError
 from torchkeep.errors import CorruptFileError as CorruptFileError
@@ -40,6 +41,7 @@ from torchkeep.errors import DeviceError as DeviceError
 from torchkeep.errors import DownloadError as DownloadError
 from torchkeep.errors import EntryNotFoundError as EntryNotFoundError
 from torchkeep.errors import ExportError as ExportError
+from torchkeep.errors import FileAccessError as FileAccessError
 from torchkeep.errors import InvalidArgumentError as InvalidArgumentError
 from torchkeep.errors import InvalidStateError as InvalidStateError
 from torchkeep.errors import KeyMismatchError as KeyMismatchError
@@ -74,6 +76,7 @@ __all__ = [
     "save_checkpoint",
     "CheckpointInfo",
     "CheckpointNotFoundError",
+    "CheckpointReadError",
     "ChecksumError",
     "CorruptFileError",
     "DeviceError",
@@ -81,6 +84,7 @@ __all__ = [
     "EntryNotFoundError",
     "ExportError",
     "ExportResult",
+    "FileAccessError",
     "InvalidArgumentError",
     "InvalidStateError",
     "KeyMismatchError",

@@ -110,6 +110,14 @@ class CheckpointWriteError(TorchkeepError, OSError):
     """Writing a checkpoint failed (disk full, I/O error); nothing was committed."""
 
 
+class CheckpointReadError(TorchkeepError, OSError):
+    """Reading a file failed for a reason outside its bytes (an I/O error of the disk)."""
+
+
+class FileAccessError(TorchkeepError, PermissionError):
+    """A file or folder exists but may not be read or written (permissions)."""
+
+
 class DownloadError(TorchkeepError, ConnectionError):
     """A download failed or stopped early; nothing was cached."""
 
@@ -135,6 +143,7 @@ class KeyMismatchError(TorchkeepError, KeyError):
 
 __all__ = [
     "CheckpointNotFoundError",
+    "CheckpointReadError",
     "CheckpointWriteError",
     "ChecksumError",
     "CorruptFileError",
@@ -144,6 +153,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidStateError",
     "ExportError",
+    "FileAccessError",
     "KeyMismatchError",
     "ManagerClosedError",
     "MissingDependencyError",

@@ -13,7 +13,7 @@ from torchkeep.errors import (
     UnknownFormatError,
 )
 from torchkeep.formats._base import Format, OpenOptions, Source
-from torchkeep.formats._guard import reading
+from torchkeep.formats._guard import os_error, reading
 from torchkeep.formats.dcp import DcpFormat
 from torchkeep.formats.native import NativeFormat
 from torchkeep.formats.pt2 import Pt2Format
@@ -114,7 +114,7 @@ def detect(path: Path) -> tuple[Path, Format]:
         with open(path, "rb") as f:
             head = f.read(_HEAD_BYTES)
     except OSError as exc:
-        raise CheckpointNotFoundError(f"cannot read {str(path)!r}: {exc.strerror}") from exc
+        raise os_error(exc, path) from exc
     if not head:
         raise CorruptFileError(
             f"{str(path)!r} is empty (0 bytes): the save that wrote it probably did not finish"
