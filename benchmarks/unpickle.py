@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from torchkeep._unpickle import safe_pickle_load, safe_torch_load
+from torchkeep.safety.unpickle import safe_pickle_load, safe_torch_load
 
 
 def _many_small(count: int) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import torchkeep as tk
-from torchkeep._dcp import dcp_to_safetensors
+from torchkeep.distributed.dcp import dcp_to_safetensors
 
 
 def build() -> nn.Module:

@@ -140,7 +140,7 @@ def test_reduce_payload_never_runs(tmp_path: Path, legacy: bool, how: str) -> No
 def test_a_reduce_payload_in_a_plain_pickle_is_refused_at_every_protocol(
     tmp_path: Path, protocol: int
 ) -> None:
-    from torchkeep._unpickle import safe_pickle_load
+    from torchkeep.safety.unpickle import safe_pickle_load
 
     target = tmp_path / "pwned"
     data = pickle.dumps(_Exploit(target), protocol=protocol)
@@ -156,8 +156,8 @@ class Custom:  # a user's class, importable from this test module
 
 
 def test_user_classes_are_inert_stubs_unless_allowed(tmp_path: Path) -> None:
-    from torchkeep._stubs import StubObject
-    from torchkeep._unpickle import safe_torch_load
+    from torchkeep.safety.stubs import StubObject
+    from torchkeep.safety.unpickle import safe_torch_load
 
     path = tmp_path / "custom.pt"
     torch.save({"w": torch.ones(2), "meta": Custom(3)}, path)

@@ -19,13 +19,6 @@ from conftest import Tied
 from torch import nn
 
 import torchkeep as tk
-from torchkeep.api import unwrap
-from torchkeep.checkpoint import (
-    MANIFEST,
-    UnsupportedValueError,
-    load_checkpoint,
-    save_checkpoint,
-)
 from torchkeep.errors import (
     ChecksumError,
     CorruptFileError,
@@ -33,6 +26,13 @@ from torchkeep.errors import (
     TorchkeepError,
     UnsafeFileError,
 )
+from torchkeep.training.checkpoint import (
+    MANIFEST,
+    UnsupportedValueError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from torchkeep.weights.api import unwrap
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 LAYOUTS = ["native", "pt"]

@@ -1,4 +1,4 @@
-"""torchkeep._convert: every format to every format, options, atomicity and streaming memory."""
+"""convert: every format to every format, options, atomicity and streaming memory."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import safetensors.torch
 import torch
 
 import torchkeep as tk
-from torchkeep._convert import convert, parse_dtype, parse_rename, rename_map
 from torchkeep.errors import ChecksumError, UnsupportedTensorError
+from torchkeep.tools.convert import convert, parse_dtype, parse_rename, rename_map
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 
@@ -129,7 +129,7 @@ def test_checksums_in_the_output_catch_damage(tmp_path: Path) -> None:
 
 
 def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from torchkeep import _convert
+    from torchkeep.tools import convert as _convert
 
     calls = {"n": 0}
     original = _convert._Writer.fetch

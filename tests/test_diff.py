@@ -1,4 +1,4 @@
-"""torchkeep._diff: pairing names and measuring value differences."""
+"""torchkeep.tools.diff: pairing names and measuring value differences."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import torchkeep as tk
-from torchkeep._diff import compare_values, diff, diff_states
+from torchkeep.tools.diff import compare_values, diff, diff_states
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 NAN, INF = float("nan"), float("inf")

@@ -18,9 +18,9 @@ from adversarial.containers import replace_data_pkl
 from adversarial.opcodes import Asm, finish
 
 import torchkeep as tk
-from torchkeep._stubs import StubObject
-from torchkeep._unpickle import safe_pickle_load
 from torchkeep.errors import TorchkeepError, UnsafeFileError
+from torchkeep.safety.stubs import StubObject
+from torchkeep.safety.unpickle import safe_pickle_load
 
 SAFE_GLOBALS = [
     ("collections", "OrderedDict"),

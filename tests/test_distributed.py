@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import torchkeep as tk
-from torchkeep._dcp import dcp_to_safetensors, safetensors_to_dcp
+from torchkeep.distributed.dcp import dcp_to_safetensors, safetensors_to_dcp
 
 HELPERS = Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))

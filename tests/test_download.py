@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
-from torchkeep._download import cached_path
+from torchkeep.storage.download import cached_path
 
 
 class Server(http.server.ThreadingHTTPServer):

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 import torchkeep as tk
-from torchkeep._convert import convert
 from torchkeep._tensor_parts import (
     jagged_from_parts,
     nested_from_buffer,
@@ -35,7 +34,8 @@ from torchkeep._tensor_parts import (
     sparse_from_parts,
 )
 from torchkeep._tensors import DTYPE_FROM_NAME
-from torchkeep._unpickle import safe_torch_load
+from torchkeep.safety.unpickle import safe_torch_load
+from torchkeep.tools.convert import convert
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*(quantized|TypedStorage|ComplexHalf|nested|is_fx_tracing).*:UserWarning"

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 import torchkeep as tk
-from torchkeep.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
-from torchkeep.manager import CheckpointManager
+from torchkeep.training.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
+from torchkeep.training.manager import CheckpointManager
 
 HELPERS = Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))

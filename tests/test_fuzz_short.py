@@ -13,8 +13,8 @@ from fuzz.harness import HARNESSES, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from torchkeep._unpickle import safe_pickle_load
 from torchkeep.errors import TorchkeepError
+from torchkeep.safety.unpickle import safe_pickle_load
 
 EXECUTIONS = 2000
 

@@ -28,7 +28,6 @@ import torchkeep as tk
 import torchkeep.io.read as read_module
 import torchkeep.io.write as write_module
 from torchkeep._tensors import byte_view, xxh3
-from torchkeep.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from torchkeep.errors import ChecksumError, CorruptFileError
 from torchkeep.formats._base import WriteRequest
 from torchkeep.formats.safetensors import CHECKSUMS_KEY, build_header, file_plan
@@ -36,7 +35,8 @@ from torchkeep.io.read import ReadExtent, read_extents
 from torchkeep.io.recycle import BIN_NAME
 from torchkeep.io.shards import frozen_names, plan_shards
 from torchkeep.io.write import write_files
-from torchkeep.manager import CheckpointManager
+from torchkeep.training.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
+from torchkeep.training.manager import CheckpointManager
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from torchkeep._keys import apply_rename, plan_keys
+from torchkeep.weights.keys import apply_rename, plan_keys
 
 PLAIN = ["conv.weight", "conv.bias", "fc.weight", "fc.bias"]
 

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 import torchkeep as tk
-from torchkeep._stubs import StubObject, find_stubs
-from torchkeep._unpickle import safe_pickle_load, scan_file
+from torchkeep.safety.stubs import StubObject, find_stubs
+from torchkeep.safety.unpickle import safe_pickle_load, scan_file
+from torchkeep.training.checkpoint import read_manifest
 
 # ---------------------------------------------------------------------------------- models
 
@@ -633,7 +634,7 @@ def test_native_checkpoint_holds_a_state_dict_entry_as_tensors(tmp_path: Path) -
     model = trained()
     folder = tmp_path / "ckpt"
     tk.save_checkpoint(folder, model=model.state_dict(), epoch=3, rng=False)
-    manifest = tk.checkpoint.read_manifest(folder)  # type: ignore[attr-defined]
+    manifest = read_manifest(folder)
     assert manifest["objects"] is None  # no pickle
     assert set(manifest["tensors"]) == {f"model.{k}" for k in model.state_dict()}
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-import torchkeep.manager as manager_module
-from torchkeep.checkpoint import CheckpointWriteError, load_checkpoint
+import torchkeep.training.manager as manager_module
 from torchkeep.errors import CheckpointNotFoundError
-from torchkeep.manager import CheckpointManager
-from torchkeep.retention import AnyOf, Checkpoint, KeepBest, KeepEvery, KeepLast
+from torchkeep.training.checkpoint import CheckpointWriteError, load_checkpoint
+from torchkeep.training.manager import CheckpointManager
+from torchkeep.training.retention import AnyOf, Checkpoint, KeepBest, KeepEvery, KeepLast
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

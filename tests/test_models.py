@@ -357,7 +357,7 @@ def test_export_reports_a_mismatch(tmp_path: Path) -> None:
 
 
 def test_compare_handles_structure_and_shape_differences() -> None:
-    from torchkeep._export import compare
+    from torchkeep.models.export import compare
 
     assert compare(torch.ones(3), torch.ones(3) * 1.5, 1e-5, 1e-4) == (0.5, False)
     assert compare({"a": torch.ones(2)}, {"a": torch.ones(2)}, 1e-5, 1e-4) == (0.0, True)

@@ -1,4 +1,4 @@
-"""torchkeep._module_info: describing a live module."""
+"""torchkeep.models.module_info: describing a live module."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from conftest import Tied
 from torch import nn
 
-from torchkeep._module_info import inspect_module
+from torchkeep.models.module_info import inspect_module
 
 
 class Net(nn.Module):

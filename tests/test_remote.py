@@ -185,7 +185,7 @@ def _restored(mgr: tk.CheckpointManager) -> nn.Module:
 def test_every_reading_verb_takes_urls_and_hashes(tmp_path: Any) -> None:
     import hashlib
 
-    from torchkeep._convert import convert
+    from torchkeep.tools.convert import convert
 
     model = net()
     local = tmp_path / "m.safetensors"

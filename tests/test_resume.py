@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from torchkeep.checkpoint import load_checkpoint, save_checkpoint
-from torchkeep.manager import CheckpointManager
+from torchkeep.training.checkpoint import load_checkpoint, save_checkpoint
+from torchkeep.training.manager import CheckpointManager
 
 HELPERS = Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
-from torchkeep._convert import convert
+from torchkeep.tools.convert import convert
 
 X = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
 

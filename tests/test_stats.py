@@ -1,11 +1,11 @@
-"""torchkeep._stats: tensor statistics in bounded memory."""
+"""torchkeep.tools.stats: tensor statistics in bounded memory."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from torchkeep._stats import tensor_stats
+from torchkeep.tools.stats import tensor_stats
 
 NAN, INF = float("nan"), float("inf")
 

@@ -7,15 +7,19 @@ A function-local import of a torchkeep module is how a cycle hides; the only one
 from __future__ import annotations
 
 import ast
+import importlib
+import sys
 from pathlib import Path
+
+import pytest
 
 import torchkeep
 
 ROOT = Path(torchkeep.__file__).parent
 # (module, imported module): function-local imports kept lazy on purpose.
 LAZY = {
-    ("torchkeep.formats.dcp", "torchkeep._dcp_io"),
-    ("torchkeep.manager", "torchkeep._dcp"),
+    ("torchkeep.formats.dcp", "torchkeep.distributed.io"),
+    ("torchkeep.training.manager", "torchkeep.distributed.dcp"),
 }
 
 
@@ -119,3 +123,22 @@ def test_function_local_imports_are_only_the_lazy_ones() -> None:
                 body = ast.Module(body=node.body, type_ignores=[])
                 local |= {(name, target) for target in _imports(body, modules)}
     assert local == LAZY
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "name"),
+    [
+        ("api", "torchkeep.weights.api", "load"),
+        ("checkpoint", "torchkeep.training.checkpoint", "read_manifest"),
+        ("manager", "torchkeep.training.manager", "CheckpointManager"),
+        ("retention", "torchkeep.training.retention", "KeepLast"),
+    ],
+)
+def test_moved_modules_still_import_with_a_deprecation_warning(
+    old: str, new: str, name: str
+) -> None:
+    sys.modules.pop(f"torchkeep.{old}", None)
+    with pytest.warns(DeprecationWarning, match=new):
+        module = importlib.import_module(f"torchkeep.{old}")
+    assert getattr(module, name) is getattr(importlib.import_module(new), name)
+    assert getattr(torchkeep, old) is module

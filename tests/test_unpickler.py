@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import torchkeep as tk
-from torchkeep._pickle_rules import SafeRules, classify
-from torchkeep._pickle_vm import Limits, Machine
-from torchkeep._stubs import StubObject
-from torchkeep._unpickle import safe_pickle_load, safe_torch_load, scan_file, scan_pickle
+from torchkeep.safety.rules import SafeRules, classify
+from torchkeep.safety.stubs import StubObject
+from torchkeep.safety.unpickle import safe_pickle_load, safe_torch_load, scan_file, scan_pickle
+from torchkeep.safety.vm import Limits, Machine
 
 PLAIN: dict[str, Any] = {
     "ints": [0, 1, -1, 255, 256, 65535, 65536, -(2**31), 2**31, 2**64 + 3, -(2**100)],

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import torchkeep as tk
-from torchkeep._convert import convert
+from torchkeep.tools.convert import convert
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))  # whole-model pickles name wild.models.<Class>

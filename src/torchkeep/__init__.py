@@ -7,31 +7,7 @@
 
 from __future__ import annotations
 
-from torchkeep._convert import ConvertResult as ConvertResult
-from torchkeep._convert import convert as convert
-from torchkeep._diff import DiffReport as DiffReport
-from torchkeep._diff import diff as diff
-from torchkeep._export import ExportResult as ExportResult
-from torchkeep._export import export as export
-from torchkeep._info import CheckpointInfo as CheckpointInfo
-from torchkeep._model import load_for_inference as load_for_inference
-from torchkeep._model import load_model as load_model
-from torchkeep._model import record_init as record_init
-from torchkeep._model import save_model as save_model
-from torchkeep._module_info import ModuleInfo as ModuleInfo
-from torchkeep._report import LoadReport as LoadReport
-from torchkeep._report import ShapeMismatch as ShapeMismatch
-from torchkeep._stubs import ModuleEntry as ModuleEntry
 from torchkeep._tensors import TensorInfo as TensorInfo
-from torchkeep._verify import Problem as Problem
-from torchkeep._verify import VerifyResult as VerifyResult
-from torchkeep._verify import verify as verify
-from torchkeep.api import inspect as inspect
-from torchkeep.api import load as load
-from torchkeep.api import load_state_dict as load_state_dict
-from torchkeep.api import save as save
-from torchkeep.checkpoint import load_checkpoint as load_checkpoint
-from torchkeep.checkpoint import save_checkpoint as save_checkpoint
 from torchkeep.errors import CheckpointNotFoundError as CheckpointNotFoundError
 from torchkeep.errors import CheckpointReadError as CheckpointReadError
 from torchkeep.errors import CheckpointWriteError as CheckpointWriteError
@@ -54,11 +30,35 @@ from torchkeep.errors import UnknownFormatError as UnknownFormatError
 from torchkeep.errors import UnsafeFileError as UnsafeFileError
 from torchkeep.errors import UnsupportedTensorError as UnsupportedTensorError
 from torchkeep.errors import UnsupportedValueError as UnsupportedValueError
-from torchkeep.manager import CheckpointManager as CheckpointManager
-from torchkeep.retention import AnyOf as AnyOf
-from torchkeep.retention import KeepBest as KeepBest
-from torchkeep.retention import KeepEvery as KeepEvery
-from torchkeep.retention import KeepLast as KeepLast
+from torchkeep.models.export import ExportResult as ExportResult
+from torchkeep.models.export import export as export
+from torchkeep.models.model import load_for_inference as load_for_inference
+from torchkeep.models.model import load_model as load_model
+from torchkeep.models.model import record_init as record_init
+from torchkeep.models.model import save_model as save_model
+from torchkeep.models.module_info import ModuleInfo as ModuleInfo
+from torchkeep.safety.stubs import ModuleEntry as ModuleEntry
+from torchkeep.tools.convert import ConvertResult as ConvertResult
+from torchkeep.tools.convert import convert as convert
+from torchkeep.tools.diff import DiffReport as DiffReport
+from torchkeep.tools.diff import diff as diff
+from torchkeep.tools.verify import Problem as Problem
+from torchkeep.tools.verify import VerifyResult as VerifyResult
+from torchkeep.tools.verify import verify as verify
+from torchkeep.training.checkpoint import load_checkpoint as load_checkpoint
+from torchkeep.training.checkpoint import save_checkpoint as save_checkpoint
+from torchkeep.training.manager import CheckpointManager as CheckpointManager
+from torchkeep.training.retention import AnyOf as AnyOf
+from torchkeep.training.retention import KeepBest as KeepBest
+from torchkeep.training.retention import KeepEvery as KeepEvery
+from torchkeep.training.retention import KeepLast as KeepLast
+from torchkeep.weights.api import inspect as inspect
+from torchkeep.weights.api import load as load
+from torchkeep.weights.api import load_state_dict as load_state_dict
+from torchkeep.weights.api import save as save
+from torchkeep.weights.info import CheckpointInfo as CheckpointInfo
+from torchkeep.weights.report import LoadReport as LoadReport
+from torchkeep.weights.report import ShapeMismatch as ShapeMismatch
 
 __version__ = "0.1.0"
 
@@ -117,3 +117,14 @@ __all__ = [
     "save_model",
     "verify",
 ]
+
+# Modules that moved into subpackages; reaching them here still works (with a warning).
+_MOVED = ("api", "checkpoint", "manager", "retention")
+
+
+def __getattr__(name: str) -> object:
+    if name in _MOVED:
+        import importlib
+
+        return importlib.import_module(f"torchkeep.{name}")
+    raise AttributeError(f"module 'torchkeep' has no attribute {name!r}")

@@ -97,7 +97,9 @@ def run_verb(verb: str, path: str, built: dict[str, Any], key: str) -> dict[str,
     import torch
 
     import torchkeep as tk
-    from torchkeep import _convert, _diff, _unpickle
+    from torchkeep.safety import unpickle as _unpickle
+    from torchkeep.tools import convert as _convert
+    from torchkeep.tools import diff as _diff
 
     out_dir = Path(built["root"]) / "out"
     out_dir.mkdir(exist_ok=True)

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 import torchkeep as tk
-from torchkeep._unpickle import safe_pickle_load
 from torchkeep.errors import TorchkeepError
+from torchkeep.safety.unpickle import safe_pickle_load
 
 DEADLINE_S = 5.0
 _OPCODES = [bytes([c]) for c in b"()NIJKLMFSTUVXabcdeghijklopqrstu}]ex" + bytes(range(0x80, 0x96))]

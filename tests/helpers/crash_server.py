@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from torchkeep.manager import CheckpointManager
+from torchkeep.training.manager import CheckpointManager
 
 # Every call that creates, fills, flushes, renames or removes something on disk.
 HOOKED = ("open", "write", "close", "fsync", "replace", "rename", "mkdir", "unlink", "rmdir")

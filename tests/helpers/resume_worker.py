@@ -14,8 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import resume_lib
 
-from torchkeep.checkpoint import load_checkpoint
-from torchkeep.manager import CheckpointManager
+from torchkeep.training.checkpoint import load_checkpoint
+from torchkeep.training.manager import CheckpointManager
 
 
 def main() -> None:

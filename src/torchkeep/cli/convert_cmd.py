@@ -8,9 +8,9 @@ import click
 from rich.text import Text
 
 from torchkeep._common import parse_size
-from torchkeep._convert import convert, parse_rename
 from torchkeep.cli._app import debug_option, json_option, trust_options
 from torchkeep.cli._output import console, emit_json, human_bytes, progress_bar
+from torchkeep.tools.convert import convert, parse_rename
 
 EPILOG = """\b
 Examples:

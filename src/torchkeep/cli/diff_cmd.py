@@ -9,7 +9,6 @@ import click
 from rich.console import Console
 from rich.text import Text
 
-from torchkeep._diff import DiffReport, Rename, TensorDiff, diff
 from torchkeep.cli._app import (
     EXIT_FOUND,
     EXIT_OK,
@@ -27,6 +26,7 @@ from torchkeep.cli._output import (
     progress_bar,
     shape_text,
 )
+from torchkeep.tools.diff import DiffReport, Rename, TensorDiff, diff
 
 EPILOG = """\b
 Examples:

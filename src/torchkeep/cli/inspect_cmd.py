@@ -13,8 +13,6 @@ from rich.console import Console
 from rich.text import Text
 
 import torchkeep as tk
-from torchkeep._info import CheckpointInfo
-from torchkeep._stats import TensorStats, tensor_stats
 from torchkeep.cli._app import debug_option, entry_option, json_option, trust_options
 from torchkeep.cli._module_tree import build_tree, render_tree, tree_json
 from torchkeep.cli._output import (
@@ -33,6 +31,8 @@ from torchkeep.cli._training import TrainingSummary, summarize
 from torchkeep.formats._base import OpenOptions
 from torchkeep.formats.registry import open_source
 from torchkeep.formats.safetensors import CHECKSUMS_KEY
+from torchkeep.tools.stats import TensorStats, tensor_stats
+from torchkeep.weights.info import CheckpointInfo
 
 EPILOG = """\b
 Examples:

@@ -13,7 +13,7 @@ from torchkeep._common import COMMIT_MARKERS
 from torchkeep.cli._app import debug_option, json_option
 from torchkeep.cli._output import console, emit_json, human_bytes, print_columns
 from torchkeep.errors import CheckpointNotFoundError
-from torchkeep.manager import CheckpointManager
+from torchkeep.training.manager import CheckpointManager
 
 LS_EPILOG = """\b
 Examples:

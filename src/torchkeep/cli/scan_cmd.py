@@ -9,13 +9,13 @@ from pathlib import Path
 import click
 from rich.text import Text
 
-from torchkeep._contain import member
-from torchkeep._unpickle import Verdict, scan_file
 from torchkeep.cli._app import EXIT_DANGEROUS, EXIT_FOUND, EXIT_OK, debug_option, json_option
 from torchkeep.cli._output import console, emit_json, print_columns
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError
 from torchkeep.formats.registry import SAFETENSORS
 from torchkeep.formats.sharded import find_index, read_index
+from torchkeep.safety.contain import member
+from torchkeep.safety.unpickle import Verdict, scan_file
 
 EPILOG = """\b
 Examples:

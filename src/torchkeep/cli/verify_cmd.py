@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 from rich.text import Text
 
-from torchkeep._verify import verify
 from torchkeep.cli._app import EXIT_FOUND, EXIT_OK, debug_option, json_option, trust_options
 from torchkeep.cli._output import console, emit_json, progress_bar
+from torchkeep.tools.verify import verify
 
 EPILOG = """\b
 Examples:

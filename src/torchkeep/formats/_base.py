@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
-from torchkeep._stubs import ModuleEntry
 from torchkeep._tensors import TensorInfo, copy_into
+from torchkeep.safety.stubs import ModuleEntry
 
 MapLocation = Callable[[Any, str], Any] | str | None
 

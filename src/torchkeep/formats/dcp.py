@@ -29,7 +29,13 @@ class DcpSource(Source):
 
     def __init__(self, path: Path, options: OpenOptions) -> None:
         # torch.distributed.checkpoint takes most of a second to import: only DCP folders pay.
-        from torchkeep._dcp_io import MARKER, SafeReader, read_marker, tensor_infos, tensor_names
+        from torchkeep.distributed.io import (
+            MARKER,
+            SafeReader,
+            read_marker,
+            tensor_infos,
+            tensor_names,
+        )
 
         super().__init__(str(path), "torch-distributed-checkpoint")
         self._device = options.device
@@ -77,7 +83,7 @@ class DcpSource(Source):
     def _load(self, stored: str, info: TensorInfo) -> torch.Tensor:
         from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-        from torchkeep._dcp_io import quiet
+        from torchkeep.distributed.io import quiet
 
         out = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
         with reading(self.path), quiet():
@@ -105,5 +111,6 @@ class DcpFormat:
     def write(self, request: WriteRequest, path: Path) -> None:
         raise UnknownFormatError(
             "torchkeep.save does not write torch.distributed.checkpoint folders: use a "
-            "CheckpointManager in a distributed run, or torchkeep._dcp.safetensors_to_dcp"
+            "CheckpointManager in a distributed run, or "
+            "torchkeep.distributed.dcp.safetensors_to_dcp"
         )

@@ -16,9 +16,9 @@ import torch
 
 from torchkeep._common import MANIFEST
 from torchkeep._tensors import TensorInfo, numel
-from torchkeep.checkpoint import NativeCheckpoint
 from torchkeep.errors import CorruptFileError, UnknownFormatError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.training.checkpoint import NativeCheckpoint
 
 
 class NativeSource(Source):

@@ -37,11 +37,14 @@ from typing import Any
 
 import torch
 
-from torchkeep import _json
-from torchkeep._pickle_checks import StorageKind
-from torchkeep._pickle_rules import SafeRules
 from torchkeep._tensors import TensorInfo, dtype_name, find_aliases, numel
-from torchkeep._torch_files import (
+from torchkeep.errors import CorruptFileError, TorchkeepError, UnknownFormatError, UnsafeFileError
+from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.formats.torchscript import is_torchscript, target_for, zip_names
+from torchkeep.safety import bounded_json as _json
+from torchkeep.safety.checks import StorageKind
+from torchkeep.safety.rules import SafeRules
+from torchkeep.safety.torch_files import (
     ZIP_MAGIC,
     ZipArchive,
     ZipStorages,
@@ -49,10 +52,7 @@ from torchkeep._torch_files import (
     open_zip,
     read_member,
 )
-from torchkeep._unpickle import safe_torch_load
-from torchkeep.errors import CorruptFileError, TorchkeepError, UnknownFormatError, UnsafeFileError
-from torchkeep.formats._base import OpenOptions, Source, WriteRequest
-from torchkeep.formats.torchscript import is_torchscript, target_for, zip_names
+from torchkeep.safety.unpickle import safe_torch_load
 
 FORMAT_MARK = "archive_format"
 FORMAT_VALUE = b"pt2"

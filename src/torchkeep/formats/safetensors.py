@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from torchkeep import _json
 from torchkeep._tensors import (
     DTYPE_FROM_NAME,
     FLOAT4,
@@ -35,10 +34,11 @@ from torchkeep.errors import ChecksumError, CorruptFileError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 from torchkeep.io.read import ReadExtent, read_extents
 from torchkeep.io.write import FilePlan, Slot, write_files
+from torchkeep.safety import bounded_json as _json
 
 ALIASES_KEY = "torchkeep.aliases"
 CHECKSUMS_KEY = "torchkeep.xxh3"
-# Read by torchkeep._model; checked here so that every reader refuses a malformed one.
+# Read by torchkeep.models.model; checked here so that every reader refuses a malformed one.
 MODEL_KEY = "torchkeep.model"
 # The reference parser's limit on the header length.
 MAX_HEADER = 100_000_000

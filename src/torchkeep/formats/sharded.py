@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from torchkeep import _json
 from torchkeep._common import group_by_size
-from torchkeep._contain import check_name, member
 from torchkeep._tensors import TensorInfo
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, UnsafeFileError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 from torchkeep.formats.safetensors import SafetensorsFormat, SafetensorsSource, check_storable
 from torchkeep.io._sys import io_threads
 from torchkeep.io.read import ReadExtent, read_extents
+from torchkeep.safety import bounded_json as _json
+from torchkeep.safety.contain import check_name, member
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 INDEX_SUFFIX = ".index.json"

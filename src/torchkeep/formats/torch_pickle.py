@@ -14,18 +14,18 @@ from typing import Any
 
 import torch
 
-from torchkeep._stubs import (
+from torchkeep._tensors import check_saveable, find_aliases, tensor_info
+from torchkeep.errors import UnknownFormatError
+from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.safety.stubs import (
     class_name,
     find_stubs,
     is_module_like,
     module_state_dict,
     module_tree,
 )
-from torchkeep._tensors import check_saveable, find_aliases, tensor_info
-from torchkeep._torch_files import LEGACY_MAGIC, ZIP_MAGIC, check_crcs
-from torchkeep._unpickle import safe_pickle_load, safe_torch_load
-from torchkeep.errors import UnknownFormatError
-from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.safety.torch_files import LEGACY_MAGIC, ZIP_MAGIC, check_crcs
+from torchkeep.safety.unpickle import safe_pickle_load, safe_torch_load
 
 _MAX_DEPTH = 4
 

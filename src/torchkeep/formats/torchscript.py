@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 
-from torchkeep._pickle_rules import SafeRules
-from torchkeep._stubs import ModuleEntry, StubObject
 from torchkeep._tensors import TensorInfo, dtype_name, find_aliases
-from torchkeep._torch_files import (
+from torchkeep.errors import CorruptFileError, UnknownFormatError, UnsafeFileError
+from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.safety.rules import SafeRules
+from torchkeep.safety.stubs import ModuleEntry, StubObject
+from torchkeep.safety.torch_files import (
     ZIP_MAGIC,
     Target,
     ZipArchive,
@@ -33,9 +35,7 @@ from torchkeep._torch_files import (
     read_member,
     read_zip,
 )
-from torchkeep._unpickle import judge, unsafe_message
-from torchkeep.errors import CorruptFileError, UnknownFormatError, UnsafeFileError
-from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.safety.unpickle import judge, unsafe_message
 
 _ROOT = "__torch__"
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")

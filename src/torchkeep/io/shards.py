@@ -22,15 +22,15 @@ from typing import Any
 
 import torch
 
-from torchkeep import _json
 from torchkeep._common import MANIFEST, group_by_size
-from torchkeep._contain import member
 from torchkeep._tensors import alias_key, byte_view, dtype_name
 from torchkeep.errors import UnsafeFileError
 from torchkeep.formats._base import WriteRequest
 from torchkeep.formats.safetensors import file_plan
 from torchkeep.io.recycle import RecycleBin
 from torchkeep.io.write import FilePlan, checksum_views, write_files
+from torchkeep.safety import bounded_json as _json
+from torchkeep.safety.contain import member
 
 
 def shard_name(number: int) -> str:

@@ -21,17 +21,17 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from torchkeep._dcp_io import Location, quiet, reader, tensor_infos, writer
-from torchkeep._entries import default_entry
-from torchkeep._locate import readable, writable
 from torchkeep._tensors import NAME_FROM_DTYPE, byte_view, dtype_name, xxh3
+from torchkeep.distributed.io import Location, quiet, reader, tensor_infos, writer
 from torchkeep.errors import CheckpointNotFoundError, UnsupportedTensorError
 from torchkeep.formats._base import OpenOptions, WriteRequest
 from torchkeep.formats._guard import reading
 from torchkeep.formats.registry import open_source
 from torchkeep.formats.safetensors import build_header
 from torchkeep.storage.local import atomic_dir, atomic_file
+from torchkeep.storage.locate import readable, writable
 from torchkeep.storage.remote import is_remote
+from torchkeep.weights.entries import default_entry
 
 PathLike = str | os.PathLike[str]
 _PLACEHOLDER = "0" * 16  # an xxh3-64 hex digest is always 16 characters

@@ -18,14 +18,14 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from torchkeep import _json
 from torchkeep._common import COMMIT_MARKERS, DCP_MARKER, MANIFEST, TEMP_MARKER
-from torchkeep._contain import member
-from torchkeep.checkpoint import Snapshot, read_manifest, write_native
 from torchkeep.errors import CorruptFileError, TorchkeepWarning
 from torchkeep.io.recycle import RecycleBin
+from torchkeep.safety import bounded_json as _json
+from torchkeep.safety.contain import member
 from torchkeep.storage.local import temp_sibling
 from torchkeep.storage.remote import RemoteFolder, downloaded, uploaded
+from torchkeep.training.checkpoint import Snapshot, read_manifest, write_native
 
 STEP_DIR = re.compile(r"step-(\d+)")
 Location = Path | str

@@ -26,15 +26,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from torchkeep import _json
-from torchkeep._assign import check_floating
 from torchkeep._common import SAFETENSORS_SUFFIX, PathLike, unwrap
-from torchkeep._contain import member
 from torchkeep._device import check_device
-from torchkeep._locate import needs_staging, readable, writable
-from torchkeep._stubs import find_stubs, is_module_like
-from torchkeep._unpickle import safe_torch_load
-from torchkeep.api import load, save, state_of
 from torchkeep.errors import (
     CorruptFileError,
     InvalidArgumentError,
@@ -55,6 +48,13 @@ from torchkeep.formats.registry import (
 )
 from torchkeep.formats.safetensors import SafetensorsSource
 from torchkeep.formats.sharded import find_index, read_index
+from torchkeep.safety import bounded_json as _json
+from torchkeep.safety.contain import member
+from torchkeep.safety.stubs import find_stubs, is_module_like
+from torchkeep.safety.unpickle import safe_torch_load
+from torchkeep.storage.locate import needs_staging, readable, writable
+from torchkeep.weights.api import load, save, state_of
+from torchkeep.weights.assign import check_floating
 
 MODEL_KEY = "torchkeep.model"
 _INIT_ATTR = "_torchkeep_init"

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchkeep._tree import Flattener
 from torchkeep.errors import CorruptFileError, InvalidStateError
+from torchkeep.training.tree import Flattener
 
 
 def now() -> str:

@@ -4,7 +4,7 @@ Pickles run code through what they reference (``os.system``, a class whose ``__r
 anything) and through what they do with it (BUILD on a class, keyword arguments to a C
 constructor). Every pickle torchkeep reads — torch zip and legacy files, plain pickles,
 torch.distributed.checkpoint ``.metadata``, TorchScript members — runs on the
-:mod:`~torchkeep._pickle_vm` machine under :class:`~torchkeep._pickle_rules.SafeRules`: allowed
+:mod:`~torchkeep.safety.vm` machine under :class:`~torchkeep.safety.rules.SafeRules`: allowed
 names are used only through argument checks, unknown classes become inert stubs, and a file
 that references anything dangerous is refused, naming every offending global at once.
 ``trust=True`` is the only way to torch's or Python's own unpickler.
@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from torchkeep._pickle_rules import SafeRules, SurveyRules, Verdict, classify
-from torchkeep._torch_files import (
+from torchkeep.errors import CorruptFileError, DeviceError, TorchkeepError, UnsafeFileError
+from torchkeep.safety.rules import SafeRules, SurveyRules, Verdict, classify
+from torchkeep.safety.torch_files import (
     LEGACY_MAGIC,
     ZIP_MAGIC,
     Target,
@@ -33,7 +34,6 @@ from torchkeep._torch_files import (
     read_zip,
     run_pickle,
 )
-from torchkeep.errors import CorruptFileError, DeviceError, TorchkeepError, UnsafeFileError
 
 __all__ = [
     "Policy",

@@ -30,9 +30,6 @@ from pathlib import Path
 
 import xxhash
 
-from torchkeep._contain import member
-from torchkeep._locate import needs_staging, readable
-from torchkeep._torch_files import MAX_COMPRESSED_PICKLE
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptFileError,
@@ -53,6 +50,9 @@ from torchkeep.formats.registry import (
 )
 from torchkeep.formats.safetensors import read_header
 from torchkeep.formats.sharded import find_index, read_index
+from torchkeep.safety.contain import member
+from torchkeep.safety.torch_files import MAX_COMPRESSED_PICKLE
+from torchkeep.storage.locate import needs_staging, readable
 
 # Called with (bytes done, bytes in all) as the check streams through the files.
 ProgressFn = Callable[[int, int], None]

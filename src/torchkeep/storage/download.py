@@ -28,8 +28,8 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from torchkeep._contain import member
 from torchkeep.errors import ChecksumError, DownloadError, InvalidArgumentError
+from torchkeep.safety.contain import member
 from torchkeep.storage.local import fsync_dir
 
 CACHE_ENV = "TORCHKEEP_CACHE"

@@ -218,7 +218,7 @@ def choose_entry(
     *,
     match: Any = None,
 ) -> Choice:
-    """The tensor dict of ``source`` holding the weights (see :mod:`torchkeep._entries`)."""
+    """The tensor dict of ``source`` holding the weights (see :mod:`torchkeep.weights.entries`)."""
     return choose(
         source.entries(), pure_root=_pure_root(source), where=source.path, entry=entry, match=match
     )

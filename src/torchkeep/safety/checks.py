@@ -3,7 +3,7 @@
 Each checker receives the rules of the file being read and the arguments the pickle passes,
 validates them (types, bounds, sizes that agree with the bytes behind them), and only then
 builds the value — mostly by calling torch's or Python's own constructor with arguments that
-are known to be harmless. A :class:`~torchkeep._pickle_vm.Refusal` says why not.
+are known to be harmless. A :class:`~torchkeep.safety.vm.Refusal` says why not.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from torchkeep._pickle_vm import Refusal
-from torchkeep._stubs import StubObject, derived_stub, stub_class
 from torchkeep._tensor_parts import (
     QUANTIZED_DTYPES,
     SPARSE_LAYOUTS,
@@ -31,9 +29,11 @@ from torchkeep._tensor_parts import (
     sparse_from_parts,
 )
 from torchkeep._tensors import stand_in
+from torchkeep.safety.stubs import StubObject, derived_stub, stub_class
+from torchkeep.safety.vm import Refusal
 
 if TYPE_CHECKING:
-    from torchkeep._pickle_rules import SafeRules
+    from torchkeep.safety.rules import SafeRules
 
 Checker = Callable[["SafeRules", tuple[Any, ...]], Any]
 _T = TypeVar("_T")

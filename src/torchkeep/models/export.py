@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from torchkeep._common import PathLike, unwrap
-from torchkeep._locate import needs_staging, writable
-from torchkeep._model import warn_if_training
 from torchkeep.errors import ExportError, InvalidArgumentError, InvalidStateError, TorchkeepWarning
+from torchkeep.models.model import warn_if_training
 from torchkeep.storage.local import atomic_file
+from torchkeep.storage.locate import needs_staging, writable
 
 FORMATS = ("export", "torchscript", "onnx")
 _SUFFIXES = {".pt2": "export", ".onnx": "onnx", ".ts": "torchscript", ".torchscript": "torchscript"}

@@ -7,7 +7,7 @@ A checkpoint entry is one keyword of ``save_checkpoint``. Its *kind* decides wha
 - ``optimizer``, ``scheduler``, ``stateful``: ``state_dict()`` (GradScaler, user classes, ...);
 - ``generator``: a ``torch.Generator``'s ``get_state()``;
 - ``numpy_generator``: a ``numpy.random.Generator``'s bit generator state;
-- ``value``: anything else, stored as it is (see :mod:`torchkeep._tree`).
+- ``value``: anything else, stored as it is (see :mod:`torchkeep.training.tree`).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import numpy as np
 import torch
 
 from torchkeep._common import unwrap
-from torchkeep._keys import plan_keys, strip_compile_segments
-from torchkeep._report import LoadReport, ShapeMismatch, refusal
-from torchkeep._stubs import find_stubs, is_module_like, module_state_dict
 from torchkeep.errors import (
     CorruptFileError,
     InvalidStateError,
     TorchkeepWarning,
 )
+from torchkeep.safety.stubs import find_stubs, is_module_like, module_state_dict
+from torchkeep.weights.keys import plan_keys, strip_compile_segments
+from torchkeep.weights.report import LoadReport, ShapeMismatch, refusal
 
 
 def _is_stateful(value: object) -> bool:
@@ -259,7 +259,7 @@ def shaped_like(template: object, value: Any) -> Any:
 def namespace_paths(value: Any, path: tuple[Any, ...] = ()) -> list[list[Any]]:
     """Where ``value`` holds ``argparse.Namespace`` objects: a list of key/index paths.
 
-    The walk follows :func:`torchkeep._tree.to_torch_plain` (dict keys, list and tuple
+    The walk follows :func:`torchkeep.training.tree.to_torch_plain` (dict keys, list and tuple
     positions, Namespace and dataclass fields), outer Namespaces before inner ones.
     """
     found: list[list[Any]] = []

@@ -4,7 +4,7 @@
 ``torch.jit.load``, writes ``.patch`` files for legacy whole-model pickles, copies a record's
 bytes without asking whether they are compressed, byte-swaps storages it never filled. Here the
 container is read by torchkeep: member names are checked, the pickle runs on the
-:mod:`~torchkeep._pickle_vm` machine, every persistent id is validated, and each storage is
+:mod:`~torchkeep.safety.vm` machine, every persistent id is validated, and each storage is
 taken from exactly one stored (uncompressed) record of exactly the declared size — or from the
 legacy layout's data section, every storage of which must be present.
 """
@@ -21,10 +21,10 @@ from typing import Any, BinaryIO
 
 import torch
 
-from torchkeep._pickle_checks import StorageKind
-from torchkeep._pickle_rules import SafeRules
-from torchkeep._pickle_vm import DEFAULT_LIMITS, Limits, Machine
 from torchkeep.errors import ChecksumError, CorruptFileError, UnsafeFileError
+from torchkeep.safety.checks import StorageKind
+from torchkeep.safety.rules import SafeRules
+from torchkeep.safety.vm import DEFAULT_LIMITS, Limits, Machine
 
 ZIP_MAGIC = b"PK\x03\x04"
 # pickle.dump(torch's legacy magic number, protocol=2), the first bytes of every legacy file.

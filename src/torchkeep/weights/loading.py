@@ -33,11 +33,11 @@ from typing import Any
 import torch
 from torch.nn.parameter import is_lazy
 
-from torchkeep._entries import NOT_WEIGHTS
-from torchkeep._keys import KeyPlan
-from torchkeep._report import ShapeMismatch
 from torchkeep._tensors import TensorInfo, dtype_name, stored_shape
 from torchkeep.errors import TorchkeepWarning
+from torchkeep.weights.entries import NOT_WEIGHTS
+from torchkeep.weights.keys import KeyPlan
+from torchkeep.weights.report import ShapeMismatch
 
 _BASE = torch.nn.Module
 

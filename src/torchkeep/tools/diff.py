@@ -1,6 +1,6 @@
 """Compare two checkpoints tensor by tensor: names, shapes, dtypes and values.
 
-Names are paired first by :func:`torchkeep._keys.plan_keys` (so ``module.fc.weight`` pairs
+Names are paired first by :func:`torchkeep.weights.keys.plan_keys` (so ``module.fc.weight`` pairs
 with ``fc.weight``), then tensors left over on both sides are paired when their bytes are
 identical under a different name. Values are compared in float64, one chunk at a time, so two
 multi-gigabyte files are compared holding one tensor of each at a time.
@@ -17,12 +17,12 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from torchkeep._entries import default_entry
-from torchkeep._keys import plan_keys
-from torchkeep._locate import needs_staging, readable
 from torchkeep._tensors import TensorInfo, dtype_name, to_cpu_contiguous, xxh3
 from torchkeep.formats._base import OpenOptions, Source
 from torchkeep.formats.registry import open_source
+from torchkeep.storage.locate import needs_staging, readable
+from torchkeep.weights.entries import default_entry
+from torchkeep.weights.keys import plan_keys
 
 Status = Literal["identical", "equal", "different", "shape"]
 Progress = Callable[[int, int], None]

@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 import torch
 
-from torchkeep._pickle_checks import (
+from torchkeep.errors import ModelRebuildError
+from torchkeep.safety.checks import (
     DICT_TYPES,
     PLAIN_CLASSES,
     AttributeDict,
@@ -80,9 +81,8 @@ from torchkeep._pickle_checks import (
     torch_version,
     unsupported_tensor,
 )
-from torchkeep._pickle_vm import Refusal
-from torchkeep._stubs import StubObject, derived_stub, stub_class
-from torchkeep.errors import ModelRebuildError
+from torchkeep.safety.stubs import StubObject, derived_stub, stub_class
+from torchkeep.safety.vm import Refusal
 
 Verdict = Literal["safe", "unknown", "dangerous"]
 

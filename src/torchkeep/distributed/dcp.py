@@ -17,7 +17,7 @@ previous checkpoint stays the latest.
 Loading reshards: each rank asks DCP for the pieces its own (possibly differently sharded)
 tensors need, so a checkpoint saved by 2 ranks loads on 1, 3 or 4.
 
-``dcp_to_safetensors`` / ``safetensors_to_dcp`` (in :mod:`torchkeep._dcp_convert`) convert
+``dcp_to_safetensors`` / ``safetensors_to_dcp`` (in :mod:`torchkeep.distributed.convert`) convert
 between a DCP folder and one safetensors file, one tensor in memory at a time.
 """
 
@@ -43,10 +43,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from torchkeep import _state
 from torchkeep._common import COMMIT_MARKERS
-from torchkeep._dcp_convert import dcp_to_safetensors, safetensors_to_dcp
-from torchkeep._dcp_io import (
+from torchkeep.distributed.convert import dcp_to_safetensors, safetensors_to_dcp
+from torchkeep.distributed.io import (
     FORMAT,
     MARKER,
     VERSION,
@@ -60,13 +59,14 @@ from torchkeep._dcp_io import (
     write_marker_file,
     writer,
 )
-from torchkeep._manifest import manifest_header
-from torchkeep._report import LoadReport, ShapeMismatch, refusal
-from torchkeep._tree import Unflattener, map_tensors
-from torchkeep.checkpoint import _check_name
 from torchkeep.errors import InvalidStateError, KeyMismatchError, TorchkeepWarning
 from torchkeep.storage.local import atomic_dir
 from torchkeep.storage.remote import RemoteFolder, split_url
+from torchkeep.training import state as _state
+from torchkeep.training.checkpoint import _check_name
+from torchkeep.training.manifest import manifest_header
+from torchkeep.training.tree import Unflattener, map_tensors
+from torchkeep.weights.report import LoadReport, ShapeMismatch, refusal
 
 Group = Any  # a torch.distributed ProcessGroup, or None for the default one
 

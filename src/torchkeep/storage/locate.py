@@ -15,8 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from torchkeep._download import download, expected_prefix
 from torchkeep.errors import ChecksumError, InvalidArgumentError
+from torchkeep.storage.download import download, expected_prefix
 from torchkeep.storage.remote import (
     HTTP_SCHEMES,
     RemoteFolder,
@@ -76,7 +76,7 @@ def readable(
 ) -> Iterator[Path]:
     """A local path holding the bytes of ``path``, checked against the expected hash.
 
-    HTTP(S) URLs are downloaded once into the cache (:mod:`torchkeep._download`); other URLs
+    HTTP(S) URLs are downloaded once into the cache (:mod:`torchkeep.storage.download`); other URLs
     (``s3://``, ``memory://``) are copied to a temporary folder removed on exit. With
     ``header_only`` a remote safetensors file is fetched as its header followed by a sparse
     hole, for :func:`~torchkeep.inspect`, which never reads tensor data.

@@ -25,9 +25,6 @@ from pathlib import Path
 import torch
 
 from torchkeep._common import group_by_size, parse_size
-from torchkeep._entries import choose_entry
-from torchkeep._keys import apply_rename
-from torchkeep._locate import needs_staging, readable, writable
 from torchkeep._tensors import (
     FLOAT4,
     NAME_FROM_DTYPE,
@@ -48,6 +45,9 @@ from torchkeep.formats.registry import SAFETENSORS, SHARDED, for_writing, open_s
 from torchkeep.formats.safetensors import ALIASES_KEY, CHECKSUMS_KEY, build_header, check_storable
 from torchkeep.formats.sharded import SAFETENSORS_INDEX, find_index
 from torchkeep.storage.local import atomic_dir, atomic_file
+from torchkeep.storage.locate import needs_staging, readable, writable
+from torchkeep.weights.entries import choose_entry
+from torchkeep.weights.keys import apply_rename
 
 Progress = Callable[[int, int], None]
 PathLike = str | os.PathLike[str]

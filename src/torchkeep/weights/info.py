@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torchkeep._stubs import ModuleEntry
 from torchkeep._tensors import TensorInfo
+from torchkeep.safety.stubs import ModuleEntry
 
 
 @dataclass(frozen=True)

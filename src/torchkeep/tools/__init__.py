@@ -1,0 +1,1 @@
+"""What the command line does, as functions: convert, diff, stats and verify."""
