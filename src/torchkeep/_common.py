@@ -6,9 +6,12 @@ verbs accept, byte sizes written as text, and the module inside training wrapper
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -72,6 +75,22 @@ def group_by_size(sizes: Iterable[tuple[str, int]], limit: int | None) -> list[l
     return groups if groups[0] else []
 
 
+def moved(old: str, new: str) -> Callable[[str], Any]:
+    """For a module's former place: warn that ``old`` is now ``new``, and return the
+    ``__getattr__`` that hands out ``new``'s names (those ``import *`` did not bring)."""
+    warnings.warn(
+        f"{old} is now {new}; import what you need from torchkeep itself",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    module = importlib.import_module(new)
+
+    def forward(name: str) -> Any:
+        return getattr(module, name)
+
+    return forward
+
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside DataParallel, DistributedDataParallel and ``torch.compile`` wrappers."""
     while True:
@@ -92,6 +111,7 @@ __all__ = [
     "TEMP_MARKER",
     "TORCH_SUFFIXES",
     "group_by_size",
+    "moved",
     "PathLike",
     "parse_size",
     "unwrap",

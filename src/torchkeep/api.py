@@ -6,18 +6,7 @@ from here still works for this release, with a ``DeprecationWarning``.
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
-
-from torchkeep.weights import api as _moved
+from torchkeep._common import moved
 from torchkeep.weights.api import *  # noqa: F403
 
-warnings.warn(
-    "torchkeep.api is now torchkeep.weights.api; import what you need from torchkeep itself",
-    DeprecationWarning,
-    stacklevel=2,
-)
-
-
-def __getattr__(name: str) -> Any:
-    return getattr(_moved, name)
+__getattr__ = moved(__name__, "torchkeep.weights.api")

@@ -6,19 +6,7 @@ from here still works for this release, with a ``DeprecationWarning``.
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
-
-from torchkeep.training import checkpoint as _moved
+from torchkeep._common import moved
 from torchkeep.training.checkpoint import *  # noqa: F403
 
-warnings.warn(
-    "torchkeep.checkpoint is now torchkeep.training.checkpoint"
-    "; import what you need from torchkeep itself",
-    DeprecationWarning,
-    stacklevel=2,
-)
-
-
-def __getattr__(name: str) -> Any:
-    return getattr(_moved, name)
+__getattr__ = moved(__name__, "torchkeep.training.checkpoint")

@@ -6,19 +6,7 @@ from here still works for this release, with a ``DeprecationWarning``.
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
-
-from torchkeep.training import manager as _moved
+from torchkeep._common import moved
 from torchkeep.training.manager import *  # noqa: F403
 
-warnings.warn(
-    "torchkeep.manager is now torchkeep.training.manager"
-    "; import what you need from torchkeep itself",
-    DeprecationWarning,
-    stacklevel=2,
-)
-
-
-def __getattr__(name: str) -> Any:
-    return getattr(_moved, name)
+__getattr__ = moved(__name__, "torchkeep.training.manager")

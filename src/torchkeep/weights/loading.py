@@ -220,14 +220,8 @@ class Loader:
                 kept.append((dst, src))
                 continue
             first_dst, first_src = first[key]
-            same = (
-                src == first_src
-                or aliases.get(src) == first_src
-                or aliases.get(first_src) == src
-                or aliases.get(src, src) == aliases.get(first_src, first_src)
-                or torch.equal(
-                    self.source.get(self.entry, src), self.source.get(self.entry, first_src)
-                )
+            same = aliases.get(src, src) == aliases.get(first_src, first_src) or torch.equal(
+                self.source.get(self.entry, src), self.source.get(self.entry, first_src)
             )
             if same:
                 self.outcome.loaded.append(dst)
