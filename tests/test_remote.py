@@ -242,3 +242,41 @@ def test_every_writing_verb_writes_to_the_url_not_a_local_folder(
     assert tk.load_checkpoint("memory://tk-writers/ckpt.pt")["epoch"] == 2
     verified = tk.verify("memory://tk-writers/m.safetensors")
     assert verified.ok and verified.path == "memory://tk-writers/m.safetensors"
+
+
+@pytest.mark.slow
+def test_distributed_manager_on_s3_commits_its_marker_last(s3: str) -> None:
+    """A DCP save at a URL: shards in place, the marker last; a failed save is never listed."""
+    url = f"{s3}/runs/dcp"
+    model = net()
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    mgr = tk.CheckpointManager(url, distributed=True)
+    mgr.save(1, model=model, optimizer=optimizer, epoch=1)
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    assert "torchkeep-dcp.json" in {p.rsplit("/", 1)[-1] for p in fs.ls(f"{url[5:]}/step-00000001")}
+
+    real = s3fs.S3FileSystem._pipe_file
+
+    async def refuse_marker(self: Any, path: str, data: bytes, *args: Any, **kwargs: Any) -> Any:
+        if path.endswith("torchkeep-dcp.json"):
+            raise ConnectionResetError(104, "connection reset by peer")
+        return await real(self, path, data, *args, **kwargs)
+
+    with mock.patch("s3fs.S3FileSystem._pipe_file", refuse_marker):
+        s3fs.S3FileSystem.clear_instance_cache()
+        with pytest.raises(OSError):
+            tk.CheckpointManager(url, distributed=True).save(2, model=net(), epoch=2)
+    s3fs.S3FileSystem.clear_instance_cache()
+    restarted = tk.CheckpointManager(url, distributed=True)
+    assert restarted.steps() == [1]  # step 2's shards were written, its marker never was
+    assert restarted.torn() == [f"{url}/step-00000002"]
+    fresh = net()
+    fresh_opt = torch.optim.Adam(fresh.parameters())
+    assert restarted.restore(model=fresh, optimizer=fresh_opt) == {"epoch": 1}
+    assert same(model, fresh)
+    assert torch.equal(
+        fresh_opt.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"]
+    )

@@ -24,11 +24,10 @@ between a DCP folder and one safetensors file, one tensor in memory at a time.
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,7 +42,6 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from torchkeep._common import COMMIT_MARKERS
 from torchkeep.distributed.convert import dcp_to_safetensors, safetensors_to_dcp
 from torchkeep.distributed.io import (
     FORMAT,
@@ -52,20 +50,20 @@ from torchkeep.distributed.io import (
     Location,
     empty_like_stored,
     encode,
+    marker_bytes,
     quiet,
     read_marker,
     reader,
     tensor_names,
-    write_marker_file,
     writer,
 )
-from torchkeep.errors import InvalidStateError, KeyMismatchError, TorchkeepWarning
-from torchkeep.storage.local import atomic_dir
-from torchkeep.storage.remote import RemoteFolder, split_url
+from torchkeep.errors import InvalidStateError, TorchkeepWarning
+from torchkeep.storage import commit as storage_commit
+from torchkeep.storage.commit import FolderCommit
 from torchkeep.training import state as _state
 from torchkeep.training.checkpoint import _check_name
 from torchkeep.training.manifest import manifest_header
-from torchkeep.training.tree import Unflattener, map_tensors
+from torchkeep.training.tree import Unflattener
 from torchkeep.weights.report import LoadReport, ShapeMismatch, refusal
 
 Group = Any  # a torch.distributed ProcessGroup, or None for the default one
@@ -203,44 +201,27 @@ def write(
         CheckpointWriteError, CheckpointException: a rank failed; nothing was committed.
     """
     rank = _rank(group)
-    no_dist = not group_active()
-    if isinstance(location, Path):
-        with contextlib.ExitStack() as stack:
-            names: list[Any] = [None]
-            if rank == 0:
-                names[0] = str(stack.enter_context(atomic_dir(location)))
-            if group_active():
-                dist.broadcast_object_list(names, src=dist.get_global_rank(group, 0), group=group)
-            temp = Path(str(names[0]))
-            with quiet():
-                dcp_save(
-                    snapshot.tensors,
-                    storage_writer=writer(temp),
-                    process_group=group,
-                    no_dist=no_dist,
-                )
-            _barrier(group)  # every rank's shards are on disk
-            if rank == 0:
-                write_marker_file(temp, snapshot.marker)
-        # rank 0 left atomic_dir: the folder is renamed into place and the parent fsynced.
-        _barrier(group)
-        return location
-    parent, name = split_url(location)
-    folder = RemoteFolder(parent, options)
-    if rank == 0:
-        folder.remove(name, markers=COMMIT_MARKERS)  # an older checkpoint here is uncommitted
-    _barrier(group)
-    with quiet():
-        dcp_save(
-            snapshot.tensors,
-            storage_writer=writer(location, options),
-            process_group=group,
-            no_dist=no_dist,
-        )
-    _barrier(group)
-    if rank == 0:
-        folder.write_bytes(f"{name}/{MARKER}", json.dumps(snapshot.marker, indent=1).encode())
-    _barrier(group)
+    with contextlib.ExitStack() as stack:
+        # Rank 0 runs the commit (rename-last locally, marker-last at a URL); every rank
+        # writes its shards where rank 0 says.
+        places: list[Any] = [None]
+        commit: FolderCommit | None = None
+        if rank == 0:
+            commit = stack.enter_context(storage_commit.folder(location, options))
+            places[0] = commit.where
+        if group_active():
+            dist.broadcast_object_list(places, src=dist.get_global_rank(group, 0), group=group)
+        with quiet():
+            dcp_save(
+                snapshot.tensors,
+                storage_writer=writer(places[0], options),
+                process_group=group,
+                no_dist=not group_active(),
+            )
+        _barrier(group)  # every rank's shards are written
+        if commit is not None:
+            commit.mark(MARKER, marker_bytes(snapshot.marker))
+    _barrier(group)  # rank 0 committed: the checkpoint is in place for every rank
     return location
 
 
@@ -322,13 +303,7 @@ def restore(
     """
     marker = read_marker(location, options)
     entries: dict[str, Any] = marker["state"]
-    missing = [name for name in targets if name not in entries]
-    if missing:
-        raise KeyMismatchError(
-            f"checkpoint {str(location)!r} has no entry {', '.join(map(repr, missing))}; it "
-            f"holds: {', '.join(map(repr, entries)) or 'nothing'}",
-            None,
-        )
+    _state.require_entries(entries, targets, str(location))
     storage = reader(location, options)
     metadata = storage.read_metadata()
     dest = _destinations(targets, entries, metadata.state_dict_metadata, strict)
@@ -344,30 +319,26 @@ def restore(
         dcp_load(dest, storage_reader=storage, process_group=group, no_dist=not group_active())
     decoder = Unflattener(dest.__getitem__, where=str(location))
     values = {name: decoder.decode(entry.get("value"), name) for name, entry in entries.items()}
-    checked = {
-        name: _state.check(name, target, values[name], strict)
-        for name, target in targets.items()
-        if not isinstance(target, torch.nn.Module | torch.optim.Optimizer)
-    }
     modules = _modules(targets)
-    out: dict[str, Any] = {}
-    for name, value in values.items():
-        target = targets.get(name)
+    loaders: dict[str, _state.Loader] = {}
+    for name, target in targets.items():
         if isinstance(target, torch.nn.Module):
-            set_model_state_dict(target, value, options=StateDictOptions(strict=strict))
-            continue
-        if isinstance(target, torch.optim.Optimizer):
-            set_optimizer_state_dict(_owner(target, modules, name), target, value)
-            continue
-        if name in targets:
-            done, value = _state.restore(name, target, checked[name], strict)
-            if done:
-                continue
-        if torch.device(device).type != "cpu":
-            value = map_tensors(value, lambda t: t.to(device))
-        out[name] = value
-    if rng_node is not None:
-        _state.restore_rng(decoder.decode(rng_node, "__rng__"))
+            loaders[name] = functools.partial(
+                set_model_state_dict, target, options=StateDictOptions(strict=strict)
+            )
+        elif isinstance(target, torch.optim.Optimizer):
+            loaders[name] = functools.partial(
+                set_optimizer_state_dict, _owner(target, modules, name), target
+            )
+    out = _state.restore_all(
+        values,
+        targets,
+        strict=strict,
+        device=device,
+        where=str(location),
+        rng_state=None if rng_node is None else decoder.decode(rng_node, "__rng__"),
+        loaders=loaders,
+    )
     if rng and rng_nodes and len(rng_nodes) != _world(group) and rank == 0:
         warnings.warn(
             f"checkpoint {str(location)!r} holds the RNG states of {len(rng_nodes)} ranks and "

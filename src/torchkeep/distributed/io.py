@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -372,10 +371,6 @@ def read_marker(location: Location, options: Mapping[str, Any] | None = None) ->
     return checked
 
 
-def write_marker_file(folder: Path, marker: Mapping[str, Any]) -> None:
-    """Write the commit marker into a local folder and fsync it."""
-    data = json.dumps(marker, indent=1, allow_nan=False).encode()
-    with open(folder / MARKER, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def marker_bytes(marker: Mapping[str, Any]) -> bytes:
+    """The commit marker's bytes (strict JSON: no NaN or infinity)."""
+    return json.dumps(marker, indent=1, allow_nan=False).encode()

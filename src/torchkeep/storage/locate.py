@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from torchkeep.errors import ChecksumError, InvalidArgumentError
+from torchkeep.storage.commit import uploaded
 from torchkeep.storage.download import download, expected_prefix
 from torchkeep.storage.remote import (
     HTTP_SCHEMES,
@@ -25,7 +26,6 @@ from torchkeep.storage.remote import (
     local_path,
     scheme,
     split_url,
-    uploaded,
 )
 
 _MAX_HEADER = 100 * 1024 * 1024

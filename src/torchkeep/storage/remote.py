@@ -1,11 +1,8 @@
-"""fsspec storage (``s3://``, ``gs://``, ``memory://``, ...): uploads that commit last.
+"""fsspec storage (``s3://``, ``gs://``, ``memory://``, ...): folders addressed by URL.
 
-Object stores have no atomic rename of a folder, so a folder is published file by file with
-its *commit marker* (``checkpoint.json``, ``torchkeep-dcp.json``, ``*.index.json``) uploaded
-last: readers treat a folder without it as never written. A single object appears whole or not
-at all on S3-compatible stores, so single files are uploaded directly.
-
-``file://`` URLs and plain paths never come here: they get the local, rename-based commit.
+The operations the commit protocol (:mod:`torchkeep.storage.commit`) and the readers need:
+list, read, write one object, upload a local folder with chosen files last, download, and
+delete with the commit markers first. ``file://`` URLs and plain paths never come here.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from torchkeep._common import COMMIT_MARKERS
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
@@ -205,26 +201,5 @@ def downloaded(url: str, options: Mapping[str, Any] | None = None) -> Iterator[P
     scratch = Path(tempfile.mkdtemp(prefix="torchkeep-"))
     try:
         yield folder.download(name, scratch / name)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def uploaded(url: str, options: Mapping[str, Any] | None = None) -> Iterator[Path]:
-    """A local scratch path to write; on success it is uploaded to ``url``, commit last."""
-    parent, name = split_url(url)
-    folder = RemoteFolder(parent, options)
-    scratch = Path(tempfile.mkdtemp(prefix="torchkeep-"))
-    try:
-        local = scratch / name
-        yield local
-        if local.is_dir():
-            markers = tuple(p.name for p in local.iterdir() if p.name.endswith(".index.json"))
-            markers += COMMIT_MARKERS
-            # An older folder at the same URL is uncommitted first, then replaced.
-            folder.remove(name, markers=markers)
-            folder.upload(local, name, last=markers)
-        else:
-            folder.upload(local, name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

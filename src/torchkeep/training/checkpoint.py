@@ -35,7 +35,6 @@ from torchkeep.errors import (
     CorruptFileError,
     InvalidArgumentError,
     InvalidStateError,
-    KeyMismatchError,
     UnsafeFileError,
 )
 from torchkeep.formats._base import OpenOptions
@@ -56,7 +55,6 @@ from torchkeep.training.tree import (
     Flattener,
     Unflattener,
     UnsupportedValueError,
-    map_tensors,
     to_torch_plain,
 )
 
@@ -648,39 +646,6 @@ def _entry_for(name: str, target: object, values: Mapping[str, Any]) -> str | No
     )
 
 
-def _restore(
-    values: dict[str, Any],
-    targets: Mapping[str, object],
-    *,
-    rng_state: Any,
-    strict: bool,
-    device: str | torch.device,
-    path: Path,
-) -> dict[str, Any]:
-    missing = [name for name in targets if name not in values]
-    if missing:
-        raise KeyMismatchError(
-            f"checkpoint {str(path)!r} has no entry {', '.join(map(repr, missing))}; it holds: "
-            + (", ".join(map(repr, values)) or "nothing"),
-            None,
-        )
-    # Every target is checked before any is touched, so a mismatch leaves all of them as
-    # they were.
-    checked = {n: _state.check(n, t, values[n], strict) for n, t in targets.items()}
-    out: dict[str, Any] = {}
-    for name, value in values.items():
-        if name in targets:
-            done, value = _state.restore(name, targets[name], checked[name], strict)
-            if done:
-                continue
-        if torch.device(device).type != "cpu":
-            value = map_tensors(value, lambda t: t.to(device))
-        out[name] = value
-    if rng_state:
-        _state.restore_rng(rng_state)
-    return out
-
-
 # -------------------------------------------------------------------------------- verbs
 
 
@@ -937,7 +902,9 @@ def restore_from(
         values, rng_state = _decode_torch(
             source, targets, verify=verify, trust=trust, allow_globals=allow_globals, rng=rng
         )
-    return _restore(values, targets, rng_state=rng_state, strict=strict, device=device, path=source)
+    return _state.restore_all(
+        values, targets, strict=strict, device=device, where=str(source), rng_state=rng_state
+    )
 
 
 __all__ = [

@@ -17,7 +17,7 @@ import dataclasses
 import random
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -27,9 +27,11 @@ from torchkeep._common import unwrap
 from torchkeep.errors import (
     CorruptFileError,
     InvalidStateError,
+    KeyMismatchError,
     TorchkeepWarning,
 )
 from torchkeep.safety.stubs import find_stubs, is_module_like, module_state_dict
+from torchkeep.training.tree import map_tensors
 from torchkeep.weights.keys import plan_keys, strip_compile_segments
 from torchkeep.weights.report import LoadReport, ShapeMismatch, refusal
 
@@ -220,6 +222,62 @@ def restore(name: str, target: object, saved: Any, strict: bool) -> tuple[bool, 
         target.load_state_dict(saved)  # type: ignore[attr-defined]
         return True, None
     return False, shaped_like(target, saved)
+
+
+def require_entries(entries: Iterable[str], targets: Mapping[str, object], where: str) -> None:
+    """Refuse targets the checkpoint has no entry for, before anything is read or touched."""
+    held = list(entries)
+    missing = [name for name in targets if name not in held]
+    if missing:
+        raise KeyMismatchError(
+            f"checkpoint {where!r} has no entry {', '.join(map(repr, missing))}; it holds: "
+            + (", ".join(map(repr, held)) or "nothing"),
+            None,
+        )
+
+
+Loader = Callable[[Any], object]
+
+
+def restore_all(
+    values: Mapping[str, Any],
+    targets: Mapping[str, object],
+    *,
+    strict: bool,
+    device: str | torch.device | None,
+    where: str,
+    rng_state: Any = None,
+    loaders: Mapping[str, Loader] | None = None,
+) -> dict[str, Any]:
+    """Restore a checkpoint's decoded entries into ``targets``: the one restore loop.
+
+    Every target is checked before any is touched, so a mismatch leaves all of them as they
+    were. ``loaders`` restore some targets their own way (a distributed checkpoint's modules
+    and optimizers through DCP's ``set_*_state_dict``, which check as they load). Entries not
+    restored in place are returned, their tensors on ``device`` (None: the CPU). The RNG state,
+    when given, is restored last.
+    """
+    loaders = loaders or {}
+    require_entries(values, targets, where)
+    checked = {
+        name: check(name, target, values[name], strict)
+        for name, target in targets.items()
+        if name not in loaders
+    }
+    move = device is not None and torch.device(device).type != "cpu"
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if name in loaders:
+            loaders[name](value)
+            continue
+        if name in targets:
+            done, value = restore(name, targets[name], checked[name], strict)
+            if done:
+                continue
+        out[name] = map_tensors(value, lambda t: t.to(device)) if move else value
+    if rng_state:
+        restore_rng(rng_state)
+    return out
 
 
 def shaped_like(template: object, value: Any) -> Any:

@@ -1,9 +1,8 @@
 """Where a CheckpointManager's step folders live: a local folder or an fsspec URL.
 
 A step folder is committed when it holds a commit marker: ``checkpoint.json`` (native
-checkpoints) or ``torchkeep-dcp.json`` (distributed ones). Locally a folder is renamed into
-place only once complete; on object stores, where renames are not atomic, its files are
-uploaded first and the marker last, and deleting removes the marker first. Either way a step
+checkpoints) or ``torchkeep-dcp.json`` (distributed ones), written by the commit protocol of
+:mod:`torchkeep.storage.commit` (rename-last locally, marker-last on object stores). A step
 folder without a marker is torn: never listed, never restored, removed by the next save.
 """
 
@@ -23,8 +22,9 @@ from torchkeep.errors import CorruptFileError, TorchkeepWarning
 from torchkeep.io.recycle import RecycleBin
 from torchkeep.safety import bounded_json as _json
 from torchkeep.safety.contain import member
+from torchkeep.storage.commit import uploaded, withdraw
 from torchkeep.storage.local import temp_sibling
-from torchkeep.storage.remote import RemoteFolder, downloaded, uploaded
+from torchkeep.storage.remote import RemoteFolder, downloaded
 from torchkeep.training.checkpoint import Snapshot, read_manifest, write_native
 
 STEP_DIR = re.compile(r"step-(\d+)")
@@ -228,7 +228,7 @@ class RemoteSteps:
     def prepare(self, step: int) -> None:
         name = step_name(step)
         self._cache.pop(name, None)
-        self.folder.remove(name, markers=COMMIT_MARKERS)
+        withdraw(self.folder, name)
 
     def write_native(
         self,
@@ -259,7 +259,7 @@ class RemoteSteps:
     def delete(self, location: Location) -> None:
         name = self._name(location)
         self._cache.pop(name, None)
-        self.folder.remove(name, markers=COMMIT_MARKERS)
+        withdraw(self.folder, name)
 
     @contextlib.contextmanager
     def local_copy(self, location: Location) -> Iterator[Path]:
