@@ -21,13 +21,13 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from torchkeep.formats.native import parse_manifest
 from torchkeep.formats.safetensors import parse_header
 from torchkeep.formats.sharded import parse_index
-from torchkeep.io.shards import _previous_shards
 from torchkeep.safety import bounded_json as _json
 from torchkeep.safety.contain import member
 from torchkeep.storage.download import cached_path
-from torchkeep.training.checkpoint import parse_manifest
+from torchkeep.training.shards import _previous_shards
 
 SECRET = b"TOPSECRET-" * 1234 + b"!"  # 12341 bytes: its size must never show in a message
 DEEP = b"[" * 100_000 + b"]" * 100_000
@@ -329,7 +329,7 @@ def test_deep_json_is_refused_everywhere_without_recursion(tmp_path: Path) -> No
 
 
 def test_deep_dcp_marker_and_manager_marker(tmp_path: Path) -> None:
-    from torchkeep.distributed.io import MARKER, read_marker
+    from torchkeep.formats.dcp_io import MARKER, read_marker
 
     folder = dcp_folder(tmp_path / "run" / "step-00000001")
     (folder / MARKER).write_bytes(DEEP)

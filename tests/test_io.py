@@ -33,10 +33,10 @@ from torchkeep.formats._base import WriteRequest
 from torchkeep.formats.safetensors import CHECKSUMS_KEY, build_header, file_plan
 from torchkeep.io.read import ReadExtent, read_extents
 from torchkeep.io.recycle import BIN_NAME
-from torchkeep.io.shards import frozen_names, plan_shards
 from torchkeep.io.write import write_files
 from torchkeep.training.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from torchkeep.training.manager import CheckpointManager
+from torchkeep.training.shards import frozen_names, plan_shards
 
 
 @pytest.fixture
@@ -383,7 +383,7 @@ def test_incremental_save_writes_a_fraction(tmp_path: Path) -> None:
 
     with (
         mock.patch.object(write_module, "write_files", counting),
-        mock.patch("torchkeep.io.shards.write_files", counting),
+        mock.patch("torchkeep.training.shards.write_files", counting),
     ):
         mgr.save(1, model=model, rng=False)
         train(model)

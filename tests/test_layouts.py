@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 import torchkeep as tk
+from torchkeep.formats.native import read_manifest
 from torchkeep.safety.stubs import StubObject, find_stubs
 from torchkeep.safety.unpickle import safe_pickle_load, scan_file
-from torchkeep.training.checkpoint import read_manifest
 
 # ---------------------------------------------------------------------------------- models
 

@@ -1,4 +1,4 @@
-"""torchkeep.models.module_info: describing a live module."""
+"""torchkeep.weights.module_info: describing a live module."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from conftest import Tied
 from torch import nn
 
-from torchkeep.models.module_info import inspect_module
+from torchkeep.weights.module_info import inspect_module
 
 
 class Net(nn.Module):

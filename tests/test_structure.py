@@ -18,7 +18,7 @@ import torchkeep
 ROOT = Path(torchkeep.__file__).parent
 # (module, imported module): function-local imports kept lazy on purpose.
 LAZY = {
-    ("torchkeep.formats.dcp", "torchkeep.distributed.io"),
+    ("torchkeep.formats.dcp", "torchkeep.formats.dcp_io"),
     ("torchkeep.training.manager", "torchkeep.distributed.dcp"),
 }
 
@@ -112,6 +112,46 @@ def test_the_package_has_no_import_cycle() -> None:
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# The layers, lowest first: a module imports only from its own layer or lower ones.
+LAYERS = [
+    {"errors", "_common", "_device", "_tensors", "_tensor_parts", "__version__"},
+    {"safety"},  # the security boundary: needs nothing but the leaves
+    {"io"},  # the byte engine
+    {"storage"},  # local and fsspec storage, the commit protocol, downloads
+    {"formats"},  # one module per on-disk format, the registry
+    {"weights"},  # save / load / load_state_dict / inspect
+    {"training"},  # training state, save/load_checkpoint, the manager
+    {"distributed"},  # DCP saves and restores, built on training state
+    {"models"},  # whole models: save_model / load_model / export
+    {"tools"},  # convert, diff, stats, verify
+    {"", "api", "checkpoint", "manager", "retention"},  # the public package and its shims
+    {"cli", "__main__"},  # a client of the public package: rendering only
+]
+# The one import against the layers: the manager saves through DCP in a distributed run,
+# imported only then (function-local; torch.distributed.checkpoint is slow to import).
+UPWARD = {("torchkeep.training.manager", "torchkeep.distributed.dcp")}
+
+
+def layer_of(module: str) -> int:
+    part = module.split(".")[1] if "." in module else ""
+    return next(i for i, names in enumerate(LAYERS) if part in names)
+
+
+def test_imports_point_down_the_layers() -> None:
+    upward = {
+        (name, target)
+        for name, targets in import_graph().items()
+        for target in targets
+        if layer_of(target) > layer_of(name)
+    }
+    assert upward == UPWARD
+
+
+def test_the_layer_check_sees_an_upward_import() -> None:
+    assert layer_of("torchkeep.io.read") < layer_of("torchkeep.formats.safetensors")
+    assert layer_of("torchkeep") < layer_of("torchkeep.cli.main")
 
 
 def test_function_local_imports_are_only_the_lazy_ones() -> None:

@@ -36,7 +36,6 @@ from torchkeep.models.model import load_for_inference as load_for_inference
 from torchkeep.models.model import load_model as load_model
 from torchkeep.models.model import record_init as record_init
 from torchkeep.models.model import save_model as save_model
-from torchkeep.models.module_info import ModuleInfo as ModuleInfo
 from torchkeep.safety.stubs import ModuleEntry as ModuleEntry
 from torchkeep.tools.convert import ConvertResult as ConvertResult
 from torchkeep.tools.convert import convert as convert
@@ -57,6 +56,7 @@ from torchkeep.weights.api import load as load
 from torchkeep.weights.api import load_state_dict as load_state_dict
 from torchkeep.weights.api import save as save
 from torchkeep.weights.info import CheckpointInfo as CheckpointInfo
+from torchkeep.weights.module_info import ModuleInfo as ModuleInfo
 from torchkeep.weights.report import LoadReport as LoadReport
 from torchkeep.weights.report import ShapeMismatch as ShapeMismatch
 

@@ -22,10 +22,10 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from torchkeep._tensors import NAME_FROM_DTYPE, byte_view, dtype_name, xxh3
-from torchkeep.distributed.io import Location, quiet, reader, tensor_infos, writer
 from torchkeep.errors import CheckpointNotFoundError, UnsupportedTensorError
 from torchkeep.formats._base import OpenOptions, WriteRequest
 from torchkeep.formats._guard import reading
+from torchkeep.formats.dcp_io import Location, quiet, reader, tensor_infos, writer
 from torchkeep.formats.registry import open_source
 from torchkeep.formats.safetensors import build_header
 from torchkeep.storage.local import atomic_dir, atomic_file

@@ -43,7 +43,8 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from torchkeep.distributed.convert import dcp_to_safetensors, safetensors_to_dcp
-from torchkeep.distributed.io import (
+from torchkeep.errors import InvalidStateError, TorchkeepWarning
+from torchkeep.formats.dcp_io import (
     FORMAT,
     MARKER,
     VERSION,
@@ -57,13 +58,12 @@ from torchkeep.distributed.io import (
     tensor_names,
     writer,
 )
-from torchkeep.errors import InvalidStateError, TorchkeepWarning
+from torchkeep.formats.tree import Unflattener
 from torchkeep.storage import commit as storage_commit
 from torchkeep.storage.commit import FolderCommit
 from torchkeep.training import state as _state
 from torchkeep.training.checkpoint import _check_name
 from torchkeep.training.manifest import manifest_header
-from torchkeep.training.tree import Unflattener
 from torchkeep.weights.report import LoadReport, ShapeMismatch, refusal
 
 Group = Any  # a torch.distributed ProcessGroup, or None for the default one
@@ -288,7 +288,7 @@ def restore(
     *,
     strict: bool = True,
     rng: bool = True,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     group: Group = None,
     options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:

@@ -29,7 +29,7 @@ class DcpSource(Source):
 
     def __init__(self, path: Path, options: OpenOptions) -> None:
         # torch.distributed.checkpoint takes most of a second to import: only DCP folders pay.
-        from torchkeep.distributed.io import (
+        from torchkeep.formats.dcp_io import (
             MARKER,
             SafeReader,
             read_marker,
@@ -83,7 +83,7 @@ class DcpSource(Source):
     def _load(self, stored: str, info: TensorInfo) -> torch.Tensor:
         from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-        from torchkeep.distributed.io import quiet
+        from torchkeep.formats.dcp_io import quiet
 
         out = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
         with reading(self.path), quiet():

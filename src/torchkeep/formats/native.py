@@ -1,24 +1,238 @@
-"""Native checkpoint folders (``checkpoint.json`` + safetensors shards) as a weights source.
+"""Native checkpoint folders (``checkpoint.json`` + safetensors shards): the reader.
 
-Lets ``load``, ``load_state_dict`` and ``inspect`` read the model weights out of a training
-checkpoint written by ``save_checkpoint`` or ``CheckpointManager``: every module entry of the
-state (``model``, ``ema``, ...) is one entry here; the other entries (optimizer, scheduler,
-plain values) are described in ``extras``.
+:class:`NativeCheckpoint` opens a folder written by ``save_checkpoint`` or a
+``CheckpointManager`` (the writer is :mod:`torchkeep.training.checkpoint`), validating the
+manifest, every file's length and every tensor's header before any data is read.
+:class:`NativeSource`, on top of it, lets ``load``, ``load_state_dict`` and ``inspect`` read
+the model weights out of a training checkpoint: every module entry of the state (``model``,
+``ema``, ...) is one entry; the other entries (optimizer, scheduler, plain values) are
+described in ``extras``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 
-from torchkeep._common import MANIFEST
-from torchkeep._tensors import TensorInfo, numel
-from torchkeep.errors import CorruptFileError, UnknownFormatError
-from torchkeep.formats._base import OpenOptions, Source, WriteRequest
-from torchkeep.training.checkpoint import NativeCheckpoint
+from torchkeep._common import MANIFEST, OBJECTS
+from torchkeep._tensors import DTYPE_FROM_NAME, TensorInfo, dtype_name, numel, xxh3
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    ChecksumError,
+    CorruptFileError,
+    UnknownFormatError,
+    UnsafeFileError,
+)
+from torchkeep.formats._base import OpenOptions, Source, WriteRequest, check_format
+from torchkeep.formats.safetensors import SafetensorsSource
+from torchkeep.safety import bounded_json as _json
+from torchkeep.safety.contain import check_name, member
+from torchkeep.safety.unpickle import safe_pickle_load
+
+PathLike = str | os.PathLike[str]
+
+
+FORMAT = "torchkeep-checkpoint"
+VERSION = 1
+
+
+def _not_committed(path: Path) -> CorruptFileError:
+    hint = ""
+    if any(p.name.startswith("step-") for p in path.iterdir() if p.is_dir()):
+        hint = " It looks like a CheckpointManager folder: use CheckpointManager(path).restore()."
+    return CorruptFileError(
+        f"folder {str(path)!r} has no {MANIFEST}, so it is not a committed checkpoint: the save "
+        f"that wrote it did not finish, or it is not a torchkeep checkpoint.{hint}"
+    )
+
+
+def read_manifest(path: PathLike) -> dict[str, Any]:
+    """The parsed ``checkpoint.json`` of a native checkpoint folder, checked for its version."""
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointNotFoundError(f"no checkpoint at {str(folder)!r}")
+    file = member(folder, MANIFEST, path=str(folder), what="manifest", flat=True)
+    if not file.is_file():
+        raise _not_committed(folder)
+    with open(file, "rb") as f:
+        raw = f.read(_json.MAX_BYTES + 1)
+    return parse_manifest(raw, path=str(folder / MANIFEST))
+
+
+_DTYPES = frozenset(dtype_name(d) for d in DTYPE_FROM_NAME.values())
+
+
+def parse_manifest(raw: bytes, *, path: str) -> dict[str, Any]:
+    """Validate the bytes of a ``checkpoint.json``; return the manifest.
+
+    Pure: nothing but ``raw`` is read. Checks the JSON (bounded, strict), the format and
+    version, the ``state``/``tensors``/``files`` sections, every file name (a plain name in
+    the checkpoint's folder) and every tensor record (file listed, known dtype, shape of
+    non-negative integers, integer byte counts).
+
+    Args:
+        raw: the file's bytes.
+        path: the manifest file, for messages.
+
+    Raises:
+        CorruptFileError: malformed JSON or records, another format, a newer version.
+        UnsafeFileError: a file name leading out of the checkpoint folder.
+    """
+    document = _json.loads(raw, path=path, what="checkpoint.json manifest")
+    where = str(Path(path).parent)
+    manifest = check_format(document, format=FORMAT, version=VERSION, what=repr(path), where=where)
+    for key in ("state", "tensors", "files"):
+        if not isinstance(manifest.get(key), dict):
+            raise CorruptFileError(f"{path!r} has no valid {key!r} section")
+
+    def bad(problem: str) -> CorruptFileError:
+        return CorruptFileError(f"{path!r} is damaged: {problem}")
+
+    for name, info in manifest["files"].items():
+        check_name(name, path=path, what="file", flat=True)
+        if not isinstance(info, dict) or not _count(info.get("bytes")):
+            raise bad(f"file {name!r} has no valid byte count")
+    for name, info in manifest["tensors"].items():
+        if not isinstance(info, dict):
+            raise bad(f"tensor {name!r} has no valid record")
+        check_name(info.get("file"), path=path, what="file", flat=True)
+        if info["file"] not in manifest["files"]:
+            raise bad(f"tensor {name!r} is in unlisted file {info.get('file')!r}")
+        if info.get("dtype") not in _DTYPES:
+            raise bad(f"tensor {name!r} has unknown dtype {info.get('dtype')!r}")
+        shape = info.get("shape")
+        if not isinstance(shape, list) or not all(_count(d) for d in shape):
+            raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
+        if "nbytes" in info and not _count(info["nbytes"]):
+            raise bad(f"tensor {name!r} has an invalid byte count {info['nbytes']!r}")
+        if "xxh3" in info and not isinstance(info["xxh3"], str):
+            raise bad(f"tensor {name!r} has an invalid checksum {info['xxh3']!r}")
+    objects = manifest.get("objects")
+    if objects is not None and not isinstance(objects, dict):
+        raise bad("its 'objects' record is not an object")
+    return manifest
+
+
+def _count(value: object) -> bool:
+    return type(value) is int and 0 <= value < (1 << 63)
+
+
+class NativeCheckpoint:
+    """An opened native checkpoint: manifest, shard headers and lengths validated.
+
+    Args:
+        path: the checkpoint folder.
+        verify: hash every tensor read (and, on :meth:`verify_rest`, the others) against
+            the manifest's xxh3.
+    """
+
+    def __init__(self, path: PathLike, *, verify: bool = False) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self._verify = verify
+        self._checked: set[str] = set()
+        self._sources: dict[str, SafetensorsSource] = {}
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _corrupt(self, problem: str) -> CorruptFileError:
+        return CorruptFileError(f"checkpoint {str(self.path)!r} is damaged: {problem}")
+
+    def _open(self) -> None:
+        where = str(self.path / MANIFEST)
+        for name, info in self.manifest["files"].items():
+            file = member(self.path, name, path=where, what="file", flat=True)
+            if not file.is_file():
+                raise self._corrupt(f"its file {name!r} is missing")
+            size = file.stat().st_size
+            if size != info.get("bytes"):
+                raise self._corrupt(
+                    f"{name!r} is {size} bytes but {info.get('bytes')} were written (truncated?)"
+                )
+            self._sources[name] = SafetensorsSource(file, OpenOptions())
+        for name, info in self.manifest["tensors"].items():
+            source = self._sources.get(info.get("file"))
+            if source is None:
+                raise self._corrupt(f"tensor {name!r} is in unlisted file {info.get('file')!r}")
+            stored = source.entries()[""].get(name)
+            if stored is None:
+                raise self._corrupt(f"tensor {name!r} is missing from {info['file']!r}")
+            if stored.dtype != info.get("dtype") or list(stored.shape) != info.get("shape"):
+                raise self._corrupt(
+                    f"tensor {name!r} is {stored.dtype}{list(stored.shape)} in {info['file']!r} "
+                    f"but the manifest says {info.get('dtype')}{info.get('shape')}"
+                )
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor (to CPU), checking its checksum when opened with ``verify``."""
+        info = self.manifest["tensors"].get(name)
+        if info is None:
+            raise self._corrupt(f"its structure refers to tensor {name!r}, which is not stored")
+        tensor = self._sources[info["file"]].get("", name)
+        if self._verify:
+            actual = xxh3(tensor)
+            if actual != info.get("xxh3"):
+                raise ChecksumError(
+                    f"tensor {name!r} in {str(self.path / info['file'])!r} is damaged: its bytes "
+                    f"hash to {actual}, but {info.get('xxh3')} was recorded when it was saved. "
+                    "Load an earlier checkpoint."
+                )
+            self._checked.add(name)
+        return tensor
+
+    def verify_rest(self) -> None:
+        """Check the tensors not read yet (with ``verify``)."""
+        for name in self.manifest["tensors"]:
+            if name not in self._checked:
+                self.tensor(name)
+
+    def objects(self, trust: bool, allow_globals: Iterable[str] = ()) -> list[object]:
+        """The pickled side objects: unpickled fully with ``trust``, through the allowlist
+        (extended by ``allow_globals``) when globals are allowed, refused otherwise."""
+        info = self.manifest.get("objects")
+        if not info:
+            return []
+        allowed = tuple(allow_globals)
+        if not trust and not allowed:
+            raise UnsafeFileError(
+                f"checkpoint {str(self.path)!r} holds pickled objects ({OBJECTS}, at "
+                f"{', '.join(info.get('paths', []))}), written with allow_pickle=True; unpickling "
+                "can run any code, so they load only with trust=True, or through the allowlist "
+                "with allow_globals=['package.Class', ...] naming their classes. Pass trust=True "
+                "only if you trust whoever wrote the checkpoint.",
+                path=str(self.path / OBJECTS),
+            )
+        where = str(self.path / MANIFEST)
+        data = member(self.path, OBJECTS, path=where, what="file", flat=True).read_bytes()
+        if len(data) != info.get("bytes") or xxhash.xxh3_64_hexdigest(data) != info.get("xxh3"):
+            raise ChecksumError(f"{str(self.path / OBJECTS)!r} does not match its checksum")
+        if trust:
+            loaded = pickle.loads(data)  # the caller declared the checkpoint trusted
+        else:
+            loaded = safe_pickle_load(data, path=str(self.path / OBJECTS), allow_globals=allowed)
+        return list(loaded)
+
+    def close(self) -> None:
+        """Close the shard files."""
+        for source in self._sources.values():
+            source.close()
+        self._sources.clear()
+
+    def __enter__(self) -> NativeCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class NativeSource(Source):

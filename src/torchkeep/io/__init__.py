@@ -4,8 +4,6 @@
   computed as the bytes go out, the header written last into space sized up front;
 - :mod:`~torchkeep.io.read`: parallel reads straight into destination tensors, large tensors
   split across threads, each thread reading one contiguous stretch of the file;
-- :mod:`~torchkeep.io.shards`: shard planning that keeps frozen tensors apart, and hard links
-  to a previous checkpoint's shards whose tensors did not change;
 - :mod:`~torchkeep.io.recycle`: retired checkpoint files kept for overwriting, which is several
   times faster than filling freshly allocated pages.
 

@@ -7,7 +7,7 @@ the checkpoints that retention deleted last, under a hidden folder, until the ne
 them.
 
 Only files with a single link are kept: a shard hard-linked into another checkpoint (see
-:mod:`torchkeep.io.shards`) still belongs to that checkpoint and is never overwritten.
+:mod:`torchkeep.training.shards`) still belongs to that checkpoint and is never overwritten.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Two layouts. A ``.pt`` path gets the tutorials' torch zip file, a dict of state dicts and
 plain values that ``torch.load(weights_only=True)`` reads. Any other path is a folder in the
 native format: safetensors shards of bounded size written in parallel, and ``checkpoint.json``
-written last, holding the structure of the state (:mod:`torchkeep.training.tree`), every tensor's
+written last, holding the structure of the state (:mod:`torchkeep.formats.tree`), every tensor's
 dtype, shape, file and xxh3 checksum, metrics and metadata. The folder is filled under a
 temporary name and renamed into place only when complete, so a folder without
 ``checkpoint.json`` is never taken for a checkpoint.
@@ -27,41 +27,40 @@ import xxhash
 
 from torchkeep._common import MANIFEST, OBJECTS, TEMP_MARKER, TORCH_SUFFIXES, parse_size
 from torchkeep._device import check_device
-from torchkeep._tensors import DTYPE_FROM_NAME, dtype_name, to_cpu_contiguous, xxh3
+from torchkeep._tensors import dtype_name, to_cpu_contiguous
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
-    ChecksumError,
-    CorruptFileError,
     InvalidArgumentError,
     InvalidStateError,
     UnsafeFileError,
 )
-from torchkeep.formats._base import OpenOptions
-from torchkeep.formats.safetensors import SafetensorsSource
-from torchkeep.io.recycle import RecycleBin
-from torchkeep.io.shards import frozen_names, write_shards
-from torchkeep.io.write import write_all
-from torchkeep.safety import bounded_json as _json
-from torchkeep.safety.contain import check_name, member
-from torchkeep.safety.stubs import StubObject, find_stubs, is_module_like
-from torchkeep.safety.torch_files import check_crcs
-from torchkeep.safety.unpickle import safe_pickle_load, safe_torch_load
-from torchkeep.storage.local import atomic_dir, atomic_file, disk_error, temp_sibling
-from torchkeep.storage.locate import needs_staging, readable, writable
-from torchkeep.training import state as _state
-from torchkeep.training.manifest import check_format, manifest_header, now, number, plain_json
-from torchkeep.training.tree import (
+from torchkeep.formats.native import (
+    FORMAT,
+    VERSION,
+    NativeCheckpoint,
+    read_manifest,
+)
+from torchkeep.formats.tree import (
     Flattener,
     Unflattener,
     UnsupportedValueError,
     to_torch_plain,
 )
+from torchkeep.io.recycle import RecycleBin
+from torchkeep.io.write import write_all
+from torchkeep.safety import bounded_json as _json
+from torchkeep.safety.stubs import StubObject, find_stubs, is_module_like
+from torchkeep.safety.torch_files import check_crcs
+from torchkeep.safety.unpickle import safe_torch_load
+from torchkeep.storage.local import atomic_dir, atomic_file, disk_error, temp_sibling
+from torchkeep.storage.locate import needs_staging, readable, writable
+from torchkeep.training import state as _state
+from torchkeep.training.manifest import manifest_header, now, number, plain_json
+from torchkeep.training.shards import frozen_names, write_shards
 
 PathLike = str | os.PathLike[str]
 
-FORMAT = "torchkeep-checkpoint"
-VERSION = 1
 PT_META = "__torchkeep__"
 DEFAULT_SHARD_SIZE = "256MB"
 
@@ -296,7 +295,7 @@ def write_native(
         path: the checkpoint folder.
         max_shard_size: the largest shard.
         previous: a committed checkpoint whose unchanged frozen shards are hard-linked
-            rather than written again (see :mod:`torchkeep.io.shards`).
+            rather than written again (see :mod:`torchkeep.training.shards`).
         recycle: retired files to overwrite instead of creating new ones.
 
     Raises:
@@ -327,198 +326,6 @@ def write_native(
 
 
 # ---------------------------------------------------------------------------------- read
-
-
-def _not_committed(path: Path) -> CorruptFileError:
-    hint = ""
-    if any(p.name.startswith("step-") for p in path.iterdir() if p.is_dir()):
-        hint = " It looks like a CheckpointManager folder: use CheckpointManager(path).restore()."
-    return CorruptFileError(
-        f"folder {str(path)!r} has no {MANIFEST}, so it is not a committed checkpoint: the save "
-        f"that wrote it did not finish, or it is not a torchkeep checkpoint.{hint}"
-    )
-
-
-def read_manifest(path: PathLike) -> dict[str, Any]:
-    """The parsed ``checkpoint.json`` of a native checkpoint folder, checked for its version."""
-    folder = Path(path)
-    if not folder.exists():
-        raise CheckpointNotFoundError(f"no checkpoint at {str(folder)!r}")
-    file = member(folder, MANIFEST, path=str(folder), what="manifest", flat=True)
-    if not file.is_file():
-        raise _not_committed(folder)
-    with open(file, "rb") as f:
-        raw = f.read(_json.MAX_BYTES + 1)
-    return parse_manifest(raw, path=str(folder / MANIFEST))
-
-
-_DTYPES = frozenset(dtype_name(d) for d in DTYPE_FROM_NAME.values())
-
-
-def parse_manifest(raw: bytes, *, path: str) -> dict[str, Any]:
-    """Validate the bytes of a ``checkpoint.json``; return the manifest.
-
-    Pure: nothing but ``raw`` is read. Checks the JSON (bounded, strict), the format and
-    version, the ``state``/``tensors``/``files`` sections, every file name (a plain name in
-    the checkpoint's folder) and every tensor record (file listed, known dtype, shape of
-    non-negative integers, integer byte counts).
-
-    Args:
-        raw: the file's bytes.
-        path: the manifest file, for messages.
-
-    Raises:
-        CorruptFileError: malformed JSON or records, another format, a newer version.
-        UnsafeFileError: a file name leading out of the checkpoint folder.
-    """
-    document = _json.loads(raw, path=path, what="checkpoint.json manifest")
-    where = str(Path(path).parent)
-    manifest = check_format(document, format=FORMAT, version=VERSION, what=repr(path), where=where)
-    for key in ("state", "tensors", "files"):
-        if not isinstance(manifest.get(key), dict):
-            raise CorruptFileError(f"{path!r} has no valid {key!r} section")
-
-    def bad(problem: str) -> CorruptFileError:
-        return CorruptFileError(f"{path!r} is damaged: {problem}")
-
-    for name, info in manifest["files"].items():
-        check_name(name, path=path, what="file", flat=True)
-        if not isinstance(info, dict) or not _count(info.get("bytes")):
-            raise bad(f"file {name!r} has no valid byte count")
-    for name, info in manifest["tensors"].items():
-        if not isinstance(info, dict):
-            raise bad(f"tensor {name!r} has no valid record")
-        check_name(info.get("file"), path=path, what="file", flat=True)
-        if info["file"] not in manifest["files"]:
-            raise bad(f"tensor {name!r} is in unlisted file {info.get('file')!r}")
-        if info.get("dtype") not in _DTYPES:
-            raise bad(f"tensor {name!r} has unknown dtype {info.get('dtype')!r}")
-        shape = info.get("shape")
-        if not isinstance(shape, list) or not all(_count(d) for d in shape):
-            raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
-        if "nbytes" in info and not _count(info["nbytes"]):
-            raise bad(f"tensor {name!r} has an invalid byte count {info['nbytes']!r}")
-        if "xxh3" in info and not isinstance(info["xxh3"], str):
-            raise bad(f"tensor {name!r} has an invalid checksum {info['xxh3']!r}")
-    objects = manifest.get("objects")
-    if objects is not None and not isinstance(objects, dict):
-        raise bad("its 'objects' record is not an object")
-    return manifest
-
-
-def _count(value: object) -> bool:
-    return type(value) is int and 0 <= value < (1 << 63)
-
-
-class NativeCheckpoint:
-    """An opened native checkpoint: manifest, shard headers and lengths validated.
-
-    Args:
-        path: the checkpoint folder.
-        verify: hash every tensor read (and, on :meth:`verify_rest`, the others) against
-            the manifest's xxh3.
-    """
-
-    def __init__(self, path: PathLike, *, verify: bool = False) -> None:
-        self.path = Path(path)
-        self.manifest = read_manifest(self.path)
-        self._verify = verify
-        self._checked: set[str] = set()
-        self._sources: dict[str, SafetensorsSource] = {}
-        try:
-            self._open()
-        except BaseException:
-            self.close()
-            raise
-
-    def _corrupt(self, problem: str) -> CorruptFileError:
-        return CorruptFileError(f"checkpoint {str(self.path)!r} is damaged: {problem}")
-
-    def _open(self) -> None:
-        where = str(self.path / MANIFEST)
-        for name, info in self.manifest["files"].items():
-            file = member(self.path, name, path=where, what="file", flat=True)
-            if not file.is_file():
-                raise self._corrupt(f"its file {name!r} is missing")
-            size = file.stat().st_size
-            if size != info.get("bytes"):
-                raise self._corrupt(
-                    f"{name!r} is {size} bytes but {info.get('bytes')} were written (truncated?)"
-                )
-            self._sources[name] = SafetensorsSource(file, OpenOptions())
-        for name, info in self.manifest["tensors"].items():
-            source = self._sources.get(info.get("file"))
-            if source is None:
-                raise self._corrupt(f"tensor {name!r} is in unlisted file {info.get('file')!r}")
-            stored = source.entries()[""].get(name)
-            if stored is None:
-                raise self._corrupt(f"tensor {name!r} is missing from {info['file']!r}")
-            if stored.dtype != info.get("dtype") or list(stored.shape) != info.get("shape"):
-                raise self._corrupt(
-                    f"tensor {name!r} is {stored.dtype}{list(stored.shape)} in {info['file']!r} "
-                    f"but the manifest says {info.get('dtype')}{info.get('shape')}"
-                )
-
-    def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor (to CPU), checking its checksum when opened with ``verify``."""
-        info = self.manifest["tensors"].get(name)
-        if info is None:
-            raise self._corrupt(f"its structure refers to tensor {name!r}, which is not stored")
-        tensor = self._sources[info["file"]].get("", name)
-        if self._verify:
-            actual = xxh3(tensor)
-            if actual != info.get("xxh3"):
-                raise ChecksumError(
-                    f"tensor {name!r} in {str(self.path / info['file'])!r} is damaged: its bytes "
-                    f"hash to {actual}, but {info.get('xxh3')} was recorded when it was saved. "
-                    "Load an earlier checkpoint."
-                )
-            self._checked.add(name)
-        return tensor
-
-    def verify_rest(self) -> None:
-        """Check the tensors not read yet (with ``verify``)."""
-        for name in self.manifest["tensors"]:
-            if name not in self._checked:
-                self.tensor(name)
-
-    def objects(self, trust: bool, allow_globals: Iterable[str] = ()) -> list[object]:
-        """The pickled side objects: unpickled fully with ``trust``, through the allowlist
-        (extended by ``allow_globals``) when globals are allowed, refused otherwise."""
-        info = self.manifest.get("objects")
-        if not info:
-            return []
-        allowed = tuple(allow_globals)
-        if not trust and not allowed:
-            raise UnsafeFileError(
-                f"checkpoint {str(self.path)!r} holds pickled objects ({OBJECTS}, at "
-                f"{', '.join(info.get('paths', []))}), written with allow_pickle=True; unpickling "
-                "can run any code, so they load only with trust=True, or through the allowlist "
-                "with allow_globals=['package.Class', ...] naming their classes. Pass trust=True "
-                "only if you trust whoever wrote the checkpoint.",
-                path=str(self.path / OBJECTS),
-            )
-        where = str(self.path / MANIFEST)
-        data = member(self.path, OBJECTS, path=where, what="file", flat=True).read_bytes()
-        if len(data) != info.get("bytes") or xxhash.xxh3_64_hexdigest(data) != info.get("xxh3"):
-            raise ChecksumError(f"{str(self.path / OBJECTS)!r} does not match its checksum")
-        if trust:
-            loaded = pickle.loads(data)  # the caller declared the checkpoint trusted
-        else:
-            loaded = safe_pickle_load(data, path=str(self.path / OBJECTS), allow_globals=allowed)
-        return list(loaded)
-
-    def close(self) -> None:
-        """Close the shard files."""
-        for source in self._sources.values():
-            source.close()
-        self._sources.clear()
-
-    def __enter__(self) -> NativeCheckpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _decode_native(
@@ -803,7 +610,7 @@ def load_checkpoint(
     trust: bool = False,
     allow_globals: Iterable[str] = (),
     strict: bool = True,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     sha256: str | None = None,
     check_hash: bool = False,
     **targets: object,
@@ -832,7 +639,8 @@ def load_checkpoint(
         allow_globals: ``"module.name"`` classes the allowlist accepts besides its own, so
             pickled objects of those classes load without ``trust`` (nothing else runs).
         strict: refuse module states whose names or shapes do not match exactly.
-        device: where returned tensors go (restored objects keep their own devices).
+        device: where returned tensors go: None (the default) puts them on the CPU;
+            objects restored in place keep their own devices.
         sha256: the file's expected SHA-256 (hex, or a prefix of it).
         check_hash: take the expected hash prefix from the file name (torch.hub style).
         **targets: objects to restore, by entry name.
@@ -885,7 +693,7 @@ def restore_from(
     trust: bool,
     allow_globals: Iterable[str],
     strict: bool,
-    device: str | torch.device,
+    device: str | torch.device | None,
 ) -> dict[str, Any]:
     """:func:`load_checkpoint` of a local path, with the targets as a mapping."""
     source = _as_path(path, "load_checkpoint")

@@ -32,6 +32,7 @@ from torchkeep.errors import (
     TorchkeepError,
     TorchkeepWarning,
 )
+from torchkeep.formats.tree import Unflattener
 from torchkeep.io.recycle import BIN_NAME, RecycleBin
 from torchkeep.storage.remote import is_remote, local_path
 from torchkeep.training.checkpoint import (
@@ -55,7 +56,6 @@ from torchkeep.training.retention import (
     to_delete,
 )
 from torchkeep.training.steps import LocalSteps, Location, RemoteSteps, Steps
-from torchkeep.training.tree import Unflattener
 
 
 def _no_tensors(name: str) -> torch.Tensor:
@@ -419,7 +419,7 @@ class CheckpointManager:
         allow_globals: Iterable[str] = (),
         strict: bool = True,
         rng: bool = True,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         **targets: object,
     ) -> dict[str, Any] | None:
         """Restore a committed checkpoint into ``targets`` (see :func:`load_checkpoint`).

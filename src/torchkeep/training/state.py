@@ -7,7 +7,7 @@ A checkpoint entry is one keyword of ``save_checkpoint``. Its *kind* decides wha
 - ``optimizer``, ``scheduler``, ``stateful``: ``state_dict()`` (GradScaler, user classes, ...);
 - ``generator``: a ``torch.Generator``'s ``get_state()``;
 - ``numpy_generator``: a ``numpy.random.Generator``'s bit generator state;
-- ``value``: anything else, stored as it is (see :mod:`torchkeep.training.tree`).
+- ``value``: anything else, stored as it is (see :mod:`torchkeep.formats.tree`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from torchkeep.errors import (
     KeyMismatchError,
     TorchkeepWarning,
 )
+from torchkeep.formats.tree import map_tensors
 from torchkeep.safety.stubs import find_stubs, is_module_like, module_state_dict
-from torchkeep.training.tree import map_tensors
 from torchkeep.weights.keys import plan_keys, strip_compile_segments
 from torchkeep.weights.report import LoadReport, ShapeMismatch, refusal
 
@@ -317,7 +317,7 @@ def shaped_like(template: object, value: Any) -> Any:
 def namespace_paths(value: Any, path: tuple[Any, ...] = ()) -> list[list[Any]]:
     """Where ``value`` holds ``argparse.Namespace`` objects: a list of key/index paths.
 
-    The walk follows :func:`torchkeep.training.tree.to_torch_plain` (dict keys, list and tuple
+    The walk follows :func:`torchkeep.formats.tree.to_torch_plain` (dict keys, list and tuple
     positions, Namespace and dataclass fields), outer Namespaces before inner ones.
     """
     found: list[list[Any]] = []

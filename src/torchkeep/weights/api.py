@@ -33,7 +33,6 @@ from torchkeep.errors import (
 )
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 from torchkeep.formats.registry import for_writing, open_source
-from torchkeep.models.module_info import ModuleInfo, inspect_module
 from torchkeep.storage.local import atomic_dir, atomic_file
 from torchkeep.storage.locate import needs_staging, readable, writable
 from torchkeep.weights.assign import (
@@ -55,6 +54,7 @@ from torchkeep.weights.keys import (
     strip_compile_segments,
 )
 from torchkeep.weights.loading import Loader, Outcome, warn_conflicts
+from torchkeep.weights.module_info import ModuleInfo, inspect_module
 from torchkeep.weights.report import LoadReport, refusal
 
 Device = str | torch.device | Mapping[str, str] | None
@@ -265,7 +265,7 @@ def _open(
 def load_state_dict(
     path: PathLike,
     *,
-    device: Device = "cpu",
+    device: Device = None,
     entry: str | None = None,
     trust: bool = False,
     allow_globals: Iterable[str] = (),
@@ -288,8 +288,8 @@ def load_state_dict(
 
     Args:
         path: file or folder.
-        device: where tensors go: ``"cpu"`` (default, works for files saved on CUDA), a device,
-            or a map such as ``{"cuda:1": "cuda:0"}``.
+        device: where tensors go: None (the default) puts them on the CPU, which works for
+            files saved on CUDA; or a device, or a map such as ``{"cuda:1": "cuda:0"}``.
         entry: which tensor dict of a checkpoint dict to return.
         trust: unpickle without the allowlist. Only for files whose author you trust.
         allow_globals: extra ``"module.name"`` globals the allowlist accepts.

@@ -34,12 +34,12 @@ from torch.distributed.checkpoint.metadata import (
 from torchkeep._common import DCP_MARKER
 from torchkeep._tensors import TensorInfo, dtype_name, numel
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, UnsupportedValueError
+from torchkeep.formats._base import check_format
+from torchkeep.formats.tree import TAG, Flattener, index, join
 from torchkeep.safety import bounded_json as _json
 from torchkeep.safety.contain import check_name, member
 from torchkeep.safety.unpickle import safe_pickle_load
 from torchkeep.storage.remote import RemoteFolder, split_url
-from torchkeep.training.manifest import check_format
-from torchkeep.training.tree import TAG, Flattener, index, join
 
 METADATA_FILE = ".metadata"
 MARKER = DCP_MARKER
