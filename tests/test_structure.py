@@ -128,6 +128,7 @@ LAYERS = [
     {"tools"},  # convert, diff, stats, verify
     {"", "api", "checkpoint", "manager", "retention"},  # the public package and its shims
     {"cli", "__main__"},  # a client of the public package: rendering only
+    {"integrations"},  # trainer plugins, clients of the public package too
 ]
 # The one import against the layers: the manager saves through DCP in a distributed run,
 # imported only then (function-local; torch.distributed.checkpoint is slow to import).

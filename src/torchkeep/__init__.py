@@ -46,6 +46,7 @@ from torchkeep.tools.verify import VerifyResult as VerifyResult
 from torchkeep.tools.verify import verify as verify
 from torchkeep.training.checkpoint import load_checkpoint as load_checkpoint
 from torchkeep.training.checkpoint import save_checkpoint as save_checkpoint
+from torchkeep.training.data import ResumableLoader as ResumableLoader
 from torchkeep.training.manager import CheckpointManager as CheckpointManager
 from torchkeep.training.retention import AnyOf as AnyOf
 from torchkeep.training.retention import KeepBest as KeepBest
@@ -65,6 +66,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AnyOf",
     "CheckpointManager",
+    "ResumableLoader",
     "CheckpointWriteError",
     "ConvertResult",
     "DiffReport",
@@ -122,9 +124,16 @@ __all__ = [
 _MOVED = ("api", "checkpoint", "manager", "retention")
 
 
-def __getattr__(name: str) -> object:
-    if name in _MOVED:
-        import importlib
+# The trainer integrations, each importing its framework (an optional extra) only when used:
+# ``Trainer(plugins=[tk.lightning.CheckpointIO()])``.
+_INTEGRATIONS = ("lightning", "transformers", "accelerate")
 
+
+def __getattr__(name: str) -> object:
+    import importlib
+
+    if name in _MOVED:
         return importlib.import_module(f"torchkeep.{name}")
+    if name in _INTEGRATIONS:
+        return importlib.import_module(f"torchkeep.integrations.{name}")
     raise AttributeError(f"module 'torchkeep' has no attribute {name!r}")

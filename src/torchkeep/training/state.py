@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from torchkeep._common import unwrap
 from torchkeep.errors import (
@@ -89,6 +90,12 @@ def capture(value: object) -> tuple[str, Any, dict[str, Any] | None]:
         return kind, value.bit_generator.state, None
     if kind != "value":
         return kind, value.state_dict(), None  # type: ignore[attr-defined]
+    if isinstance(value, DataLoader):
+        raise InvalidStateError(
+            "a DataLoader keeps no position to save; wrap it once where it is built, "
+            "loader = torchkeep.ResumableLoader(DataLoader(...)), iterate the wrapper, and save "
+            "that: a restore then continues mid-epoch with the same batches"
+        )
     return kind, value, None
 
 
@@ -220,6 +227,15 @@ def restore(name: str, target: object, saved: Any, strict: bool) -> tuple[bool, 
         return True, None
     if _is_stateful(target):
         target.load_state_dict(saved)  # type: ignore[attr-defined]
+        if isinstance(target, DataLoader):
+            warnings.warn(
+                f"{name}= is restored, but a new iterator of {type(target).__name__} draws "
+                "from the global random generator that was just restored, so random numbers "
+                "after the resume (dropout, augmentation) differ from the saved run's; wrap "
+                "the loader, torchkeep.ResumableLoader(loader), for a bit-exact resume",
+                TorchkeepWarning,
+                stacklevel=4,
+            )
         return True, None
     return False, shaped_like(target, saved)
 
