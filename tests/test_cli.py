@@ -13,6 +13,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner, Result
@@ -69,7 +70,7 @@ def no_pwned_marker() -> object:
 # ----------------------------------------------------------------------------------- general
 
 
-@pytest.mark.parametrize("command", [c.name for c in COMMANDS])
+@pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_command_has_help_with_examples_and_exit_codes(command: str) -> None:
     result = run(command, "--help")
     assert result.exit_code == 0
@@ -78,11 +79,39 @@ def test_every_command_has_help_with_examples_and_exit_codes(command: str) -> No
     assert "Exit codes" in result.stdout
 
 
-def test_group_help_lists_every_command() -> None:
+def test_group_help_lists_every_command_with_its_summary() -> None:
     result = run("--help")
     assert result.exit_code == 0
-    for command in COMMANDS:
-        assert command.name in result.stdout
+    listed = " ".join(result.stdout.split())
+    for name, (_, summary) in COMMANDS.items():
+        assert f"{name} {summary}" in listed
+        command = main.get_command(click.Context(main), name)
+        assert command is not None and command.name == name
+        assert command.get_short_help_str(limit=200) == summary
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """`torchkeep --help` imports no torch: it answers in a fraction of torch's import time."""
+    code = (
+        "import sys; from torchkeep.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Commands:" in done.stdout
+
+
+def test_importing_torchkeep_imports_no_torch_until_a_name_is_used() -> None:
+    code = (
+        "import sys, torchkeep as tk\n"
+        "assert 'torch' not in sys.modules\n"
+        "names = [getattr(tk, n) for n in tk.__all__]\n"
+        "assert 'torch' in sys.modules and sorted(tk.__all__) == sorted(set(tk.__all__))\n"
+        "assert set(tk.__all__) <= set(dir(tk))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_version() -> None:

@@ -10,27 +10,36 @@ from __future__ import annotations
 import click
 
 from torchkeep import __version__
-from torchkeep.cli import (
-    convert_cmd,
-    diff_cmd,
-    env_cmd,
-    inspect_cmd,
-    manager_cmds,
-    scan_cmd,
-    verify_cmd,
-)
 from torchkeep.cli._app import TorchkeepGroup, debug_option
 
-COMMANDS: tuple[click.Command, ...] = (
-    inspect_cmd.command,
-    diff_cmd.command,
-    convert_cmd.command,
-    verify_cmd.command,
-    scan_cmd.command,
-    manager_cmds.ls_command,
-    manager_cmds.prune_command,
-    env_cmd.command,
-)
+# name -> (module, one-line summary for `torchkeep --help`). A command's module is imported
+# only when it runs (or its own --help is asked for), so `torchkeep --help` and the commands
+# that need no torch never import it.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": (
+        "torchkeep.cli.inspect_cmd",
+        "Show what a checkpoint holds: format, size, tensors, training state.",
+    ),
+    "diff": ("torchkeep.cli.diff_cmd", "Compare the weights in two files (any formats)."),
+    "convert": (
+        "torchkeep.cli.convert_cmd",
+        "Convert weights between formats, dtypes and shard sizes.",
+    ),
+    "verify": (
+        "torchkeep.cli.verify_cmd",
+        "Check that a checkpoint is complete and undamaged.",
+    ),
+    "scan": (
+        "torchkeep.cli.scan_cmd",
+        "List the globals a file's pickles reference, classified, without loading it.",
+    ),
+    "ls": ("torchkeep.cli.manager_cmds", "List the checkpoints of a CheckpointManager folder."),
+    "prune": (
+        "torchkeep.cli.manager_cmds",
+        "Apply retention to a CheckpointManager folder; remove torn saves.",
+    ),
+    "env": ("torchkeep.cli.env_cmd", "Print torch, CUDA and package versions, and I/O limits."),
+}
 
 EPILOG = """\b
 Examples:
@@ -50,15 +59,15 @@ Exit codes: 0 success; 1 differences (diff), problems (verify) or unknown global
 
 
 @click.group(
-    cls=TorchkeepGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]}
+    cls=TorchkeepGroup,
+    lazy_commands=COMMANDS,
+    epilog=EPILOG,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.version_option(__version__, "-V", "--version", prog_name="torchkeep")
 @debug_option
 def main() -> None:
     """Inspect, compare, convert, verify and scan PyTorch checkpoints; list and prune runs."""
 
-
-for _command in COMMANDS:
-    main.add_command(_command)
 
 __all__ = ["COMMANDS", "main"]

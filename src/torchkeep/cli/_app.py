@@ -14,8 +14,9 @@ Errors print one ``error: <message>`` on stderr. Tracebacks appear only with ``-
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import click
@@ -64,7 +65,38 @@ def _message(exc: BaseException) -> str:
 
 
 class TorchkeepGroup(click.Group):
-    """A group whose commands turn exceptions into ``error: ...`` and exit code 2."""
+    """A group whose commands turn exceptions into ``error: ...`` and exit code 2.
+
+    Its commands are named in ``lazy_commands`` (``{name: (module, summary)}``) and imported
+    when used: listing them in ``--help`` takes only their summaries.
+    """
+
+    def __init__(
+        self, *args: Any, lazy_commands: Mapping[str, tuple[str, str]] | None = None, **kw: Any
+    ) -> None:
+        super().__init__(*args, **kw)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy_commands and cmd_name not in self.commands:
+            module = importlib.import_module(self.lazy_commands[cmd_name][0])
+            command = next(
+                c
+                for c in vars(module).values()
+                if isinstance(c, click.Command) and c.name == cmd_name
+            )
+            command.short_help = command.short_help or self.lazy_commands[cmd_name][1]
+            self.add_command(command)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, summary) for name, (_, summary) in sorted(self.lazy_commands.items())]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
