@@ -41,6 +41,39 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex[:12]}{path.suffix}")
 
 
+def is_leftover(entry: Path, stem: str = "") -> bool:
+    """Whether ``entry`` is a hidden temporary name an interrupted write left (of a file or
+    folder named ``stem`` when given): never a committed file, safe to remove."""
+    name = entry.name
+    return name.startswith(f".{stem}") and TEMP_MARKER in name
+
+
+def remove_leftovers(folder: Path, stem: str = "") -> None:
+    """Remove the hidden temporary files and folders interrupted writes left in ``folder``."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if not is_leftover(entry, stem):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def retire(path: Path) -> Path:
+    """Rename ``path`` to a hidden temporary name beside it, so it is never seen half-deleted;
+    return the new name (remove it, or keep its files, next)."""
+    hidden = temp_sibling(path)
+    os.replace(path, hidden)
+    return hidden
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder, renamed out of sight first: a crash mid-deletion leaves it hidden."""
+    shutil.rmtree(retire(path), ignore_errors=True)
+
+
 def write_failed(exc: OSError, target: Path) -> CheckpointWriteError:
     """A disk's refusal (full, read-only, I/O error) while writing ``target``, typed."""
     where = f" (while writing {exc.filename})" if exc.filename else ""

@@ -9,7 +9,6 @@ folder without a marker is torn: never listed, never restored, removed by the ne
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import warnings
@@ -17,13 +16,13 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from torchkeep._common import COMMIT_MARKERS, DCP_MARKER, MANIFEST, TEMP_MARKER
+from torchkeep._common import COMMIT_MARKERS, DCP_MARKER, MANIFEST
 from torchkeep.errors import CorruptFileError, TorchkeepWarning
 from torchkeep.io.recycle import RecycleBin
 from torchkeep.safety import bounded_json as _json
 from torchkeep.safety.contain import member
 from torchkeep.storage.commit import uploaded, withdraw
-from torchkeep.storage.local import temp_sibling
+from torchkeep.storage.local import is_leftover, retire
 from torchkeep.storage.remote import RemoteFolder, downloaded
 from torchkeep.training.checkpoint import Snapshot, read_manifest, write_native
 
@@ -145,7 +144,7 @@ class LocalSteps:
             return []
         found: list[Location] = []
         for entry in sorted(self.directory.iterdir()):
-            hidden = entry.name.startswith(".step-") and TEMP_MARKER in entry.name
+            hidden = is_leftover(entry, "step-")
             torn = STEP_DIR.fullmatch(entry.name) and self._marker(entry) is None
             if (hidden or torn) and entry.is_dir():
                 found.append(entry)
@@ -159,8 +158,7 @@ class LocalSteps:
         path = Path(location)
         # Renamed out of sight first, so a crash mid-deletion never leaves a torn step folder.
         try:
-            hidden = temp_sibling(path)
-            os.replace(path, hidden)
+            hidden = retire(path)
         except OSError as exc:
             warnings.warn(
                 f"retention could not delete {path}: {exc}", TorchkeepWarning, stacklevel=2
