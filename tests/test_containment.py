@@ -22,7 +22,7 @@ from torch import nn
 
 import torchkeep as tk
 from torchkeep.formats.native import parse_manifest
-from torchkeep.formats.safetensors import parse_header
+from torchkeep.formats.safetensors_header import parse_header
 from torchkeep.formats.sharded import parse_index
 from torchkeep.safety import bounded_json as _json
 from torchkeep.safety.contain import member

@@ -183,7 +183,8 @@ def test_parse_helpers() -> None:
 def _peak_rss_mib(args: list[str]) -> float:
     """VmHWM of a fresh ``torchkeep`` process (ru_maxrss would inherit the forking parent's)."""
     code = (
-        "import sys\nfrom torchkeep.cli import main\n"
+        # torch first: the baseline (inspect of a safetensors file) would not import it
+        "import sys\nimport torch\nfrom torchkeep.cli import main\n"
         "try:\n    main(args=sys.argv[1:], prog_name='torchkeep')\n"
         "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
         "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"

@@ -23,7 +23,7 @@ from test_download import server as server  # the fixture
 import torchkeep as tk
 from torchkeep.formats._base import OpenOptions
 from torchkeep.formats.registry import SAFETENSORS, open_format
-from torchkeep.formats.safetensors import parse_header
+from torchkeep.formats.safetensors_header import parse_header
 from torchkeep.storage.download import cached_path
 
 # ------------------------------------------------------------- safetensors vs the reference

@@ -30,7 +30,8 @@ import torchkeep.io.write as write_module
 from torchkeep._tensors import byte_view, xxh3
 from torchkeep.errors import ChecksumError, CorruptFileError
 from torchkeep.formats._base import WriteRequest
-from torchkeep.formats.safetensors import CHECKSUMS_KEY, build_header, file_plan
+from torchkeep.formats.safetensors import build_header, file_plan
+from torchkeep.formats.safetensors_header import CHECKSUMS_KEY
 from torchkeep.io.read import ReadExtent, read_extents
 from torchkeep.io.recycle import BIN_NAME
 from torchkeep.io.write import write_files

@@ -1,7 +1,9 @@
 """The package's import graph: no cycles, and function-local imports only to stay lazy.
 
 A function-local import of a torchkeep module is how a cycle hides; the only ones allowed keep
-``torch.distributed.checkpoint`` (most of a second to import) off the path of every other verb.
+a slow import off the paths that do not need it: ``torch.distributed.checkpoint`` (most of a
+second) off every other verb, and torch itself off the command line where it can answer
+without it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ ROOT = Path(torchkeep.__file__).parent
 LAZY = {
     ("torchkeep.formats.dcp", "torchkeep.formats.dcp_io"),
     ("torchkeep.training.manager", "torchkeep.distributed.dcp"),
+    # The command line answers without torch where it can (safetensors headers, verify of a
+    # safetensors file): the modules that need torch are imported only where they are used.
+    ("torchkeep.tools.verify", "torchkeep.tools.verify_formats"),
+    ("torchkeep.cli.inspect_cmd", "torchkeep.cli._training"),
+    ("torchkeep.cli.inspect_cmd", "torchkeep.formats._base"),
+    ("torchkeep.cli.inspect_cmd", "torchkeep.formats.registry"),
+    ("torchkeep.cli.inspect_cmd", "torchkeep.tools.stats"),
 }
 
 
@@ -116,7 +125,7 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 # The layers, lowest first: a module imports only from its own layer or lower ones.
 LAYERS = [
-    {"errors", "_common", "_device", "_tensors", "_tensor_parts", "__version__"},
+    {"errors", "_common", "_facts", "_device", "_tensors", "_tensor_parts", "__version__"},
     {"safety"},  # the security boundary: needs nothing but the leaves
     {"io"},  # the byte engine
     {"storage"},  # local and fsspec storage, the commit protocol, downloads

@@ -36,14 +36,14 @@ from torchkeep.errors import UnsupportedValueError as UnsupportedValueError
 # Everything else is imported on first use, so `import torchkeep` (and the command line,
 # which needs torch for few commands) does not import torch. The names are the same either way.
 _LAZY = {
-    "TensorInfo": "torchkeep._tensors",
+    "TensorInfo": "torchkeep._facts",
     "ExportResult": "torchkeep.models.export",
     "export": "torchkeep.models.export",
     "load_for_inference": "torchkeep.models.model",
     "load_model": "torchkeep.models.model",
     "record_init": "torchkeep.models.model",
     "save_model": "torchkeep.models.model",
-    "ModuleEntry": "torchkeep.safety.stubs",
+    "ModuleEntry": "torchkeep._facts",
     "ConvertResult": "torchkeep.tools.convert",
     "convert": "torchkeep.tools.convert",
     "DiffReport": "torchkeep.tools.diff",
@@ -70,14 +70,14 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from torchkeep._tensors import TensorInfo as TensorInfo
+    from torchkeep._facts import ModuleEntry as ModuleEntry
+    from torchkeep._facts import TensorInfo as TensorInfo
     from torchkeep.models.export import ExportResult as ExportResult
     from torchkeep.models.export import export as export
     from torchkeep.models.model import load_for_inference as load_for_inference
     from torchkeep.models.model import load_model as load_model
     from torchkeep.models.model import record_init as record_init
     from torchkeep.models.model import save_model as save_model
-    from torchkeep.safety.stubs import ModuleEntry as ModuleEntry
     from torchkeep.tools.convert import ConvertResult as ConvertResult
     from torchkeep.tools.convert import convert as convert
     from torchkeep.tools.diff import DiffReport as DiffReport

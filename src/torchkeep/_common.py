@@ -11,11 +11,12 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from torchkeep.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    import torch
 
 PathLike = str | os.PathLike[str]
 
@@ -93,6 +94,8 @@ def moved(old: str, new: str) -> Callable[[str], Any]:
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside DataParallel, DistributedDataParallel and ``torch.compile`` wrappers."""
+    import torch  # already imported by whoever holds a module; this leaf stays torch-free
+
     while True:
         if isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
             module = module.module

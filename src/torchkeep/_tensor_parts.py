@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from torchkeep._tensors import describe, dtype_name, is_plain, numel, stand_in
+from torchkeep._facts import numel
+from torchkeep._tensors import describe, dtype_name, is_plain, stand_in
 from torchkeep.errors import (
     CorruptFileError,
     TorchkeepError,

@@ -9,38 +9,15 @@ from typing import Any
 import torch
 import xxhash
 
+from torchkeep._facts import SAFETENSORS_DTYPES, TensorInfo
 from torchkeep.errors import (
     InvalidStateError,
     UnsupportedTensorError,
 )
 
-# safetensors' dtype names; only those this torch build has are kept. F4 counts 4-bit values:
-# torch's float4_e2m1fn_x2 packs two of them into each element, so a file's last dimension is
-# twice torch's (the convention of the safetensors library itself).
-_SAFETENSORS_DTYPES: dict[str, str] = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "U16": "uint16",
-    "U32": "uint32",
-    "U64": "uint64",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz",
-    "F8_E5M2": "float8_e5m2",
-    "F8_E5M2FNUZ": "float8_e5m2fnuz",
-    "F8_E8M0": "float8_e8m0fnu",
-    "F4": "float4_e2m1fn_x2",
-    "C64": "complex64",
-}
+# Only the dtypes this torch build has are kept.
 DTYPE_FROM_NAME: dict[str, torch.dtype] = {
-    code: getattr(torch, name) for code, name in _SAFETENSORS_DTYPES.items() if hasattr(torch, name)
+    code: getattr(torch, name) for code, name in SAFETENSORS_DTYPES.items() if hasattr(torch, name)
 }
 NAME_FROM_DTYPE: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPE_FROM_NAME.items()}
 # Two float4 values per element; None where this torch lacks the dtype.
@@ -78,39 +55,9 @@ _FORMAT_PLACE = {
 }
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """What a file says about one tensor, read without its data.
-
-    Attributes:
-        name: the tensor's flat name.
-        shape: its shape. A sparse tensor has its dense shape; a nested tensor ``(n,)``, the
-            number of tensors it holds.
-        dtype: its dtype, as torch spells it without the ``torch.`` prefix (``float32``).
-        nbytes: the size of its data in bytes (for sparse and nested tensors, of what is
-            stored: indices, values, offsets).
-        layout: ``"strided"`` for dense tensors (quantized ones too: their dtype says so);
-            otherwise the layout as torch names it without ``torch.`` (``"sparse_coo"``,
-            ``"sparse_csr"``, ...), ``"nested"`` or ``"jagged"`` for nested tensors.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    nbytes: int
-    layout: str = "strided"
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float32`` -> ``"float32"``."""
     return str(dtype).removeprefix("torch.")
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 # -- kinds ------------------------------------------------------------------------------------

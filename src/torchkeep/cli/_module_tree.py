@@ -13,7 +13,7 @@ from typing import Any
 from rich.text import Text
 from rich.tree import Tree
 
-from torchkeep._tensors import TensorInfo, numel
+from torchkeep._facts import TensorInfo, numel
 from torchkeep.cli._output import human_bytes, human_count, shape_text
 
 

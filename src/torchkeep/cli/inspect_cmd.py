@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -27,12 +27,12 @@ from torchkeep.cli._output import (
     progress_bar,
     shape_text,
 )
-from torchkeep.cli._training import TrainingSummary, summarize
-from torchkeep.formats._base import OpenOptions
-from torchkeep.formats.registry import open_source
-from torchkeep.formats.safetensors import CHECKSUMS_KEY
-from torchkeep.tools.stats import TensorStats, tensor_stats
-from torchkeep.weights.info import CheckpointInfo
+from torchkeep.formats.safetensors_header import CHECKSUMS_KEY
+from torchkeep.weights.info import CheckpointInfo, header_info
+
+if TYPE_CHECKING:
+    from torchkeep.cli._training import TrainingSummary
+    from torchkeep.tools.stats import TensorStats
 
 EPILOG = """\b
 Examples:
@@ -87,7 +87,10 @@ def command(
     Only headers are read where the format allows (safetensors, sharded folders): a
     multi-gigabyte file is described in well under a second. --stats reads every tensor.
     """
-    info = tk.inspect(path, entry=entry, trust=trust, allow_globals=allow_globals)
+    # A safetensors header is described without importing torch; anything else needs it.
+    info = header_info(path, entry) or tk.inspect(
+        path, entry=entry, trust=trust, allow_globals=allow_globals
+    )
     training = _training(path, info, trust, allow_globals)
     values = _stats(path, info, trust, allow_globals) if stats else None
     if as_json:
@@ -109,9 +112,13 @@ def command(
 
 def _training(
     path: Path, info: CheckpointInfo, trust: bool, allow_globals: tuple[str, ...]
-) -> TrainingSummary:
+) -> TrainingSummary | None:
     if not info.extras:
-        return TrainingSummary()
+        return None
+    from torchkeep.cli._training import summarize
+    from torchkeep.formats._base import OpenOptions
+    from torchkeep.formats.registry import open_source
+
     # CheckpointInfo keeps extras as short text; the optimizer's param_groups need the values.
     options = OpenOptions(device="meta", trust=trust, allow_globals=allow_globals)
     with open_source(path, options) as source:
@@ -121,6 +128,10 @@ def _training(
 def _stats(
     path: Path, info: CheckpointInfo, trust: bool, allow_globals: tuple[str, ...]
 ) -> list[TensorStats]:
+    from torchkeep.formats._base import OpenOptions
+    from torchkeep.formats.registry import open_source
+    from torchkeep.tools.stats import tensor_stats
+
     options = OpenOptions(trust=trust, allow_globals=allow_globals, mmap=True)
     found: list[TensorStats] = []
     done = 0
@@ -134,7 +145,7 @@ def _stats(
 
 def _as_dict(
     info: CheckpointInfo,
-    training: TrainingSummary,
+    training: TrainingSummary | None,
     values: list[TensorStats] | None,
     with_tensors: bool,
 ) -> dict[str, Any]:

@@ -15,9 +15,9 @@ from typing import Any, Protocol
 
 import torch
 
-from torchkeep._tensors import TensorInfo, copy_into
+from torchkeep._facts import ModuleEntry, TensorInfo
+from torchkeep._tensors import copy_into
 from torchkeep.errors import CorruptFileError
-from torchkeep.safety.stubs import ModuleEntry
 
 MapLocation = Callable[[Any, str], Any] | str | None
 

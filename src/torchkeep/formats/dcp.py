@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from torchkeep._tensors import TensorInfo
+from torchkeep._facts import TensorInfo
 from torchkeep.errors import UnknownFormatError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 from torchkeep.formats._guard import reading

@@ -32,7 +32,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from torchkeep._common import DCP_MARKER
-from torchkeep._tensors import TensorInfo, dtype_name, numel
+from torchkeep._facts import TensorInfo, numel
+from torchkeep._tensors import dtype_name
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, UnsupportedValueError
 from torchkeep.formats._base import check_format
 from torchkeep.formats.tree import TAG, Flattener, index, join

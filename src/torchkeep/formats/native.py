@@ -22,7 +22,8 @@ import torch
 import xxhash
 
 from torchkeep._common import MANIFEST, OBJECTS
-from torchkeep._tensors import DTYPE_FROM_NAME, TensorInfo, dtype_name, numel, xxh3
+from torchkeep._facts import TensorInfo, numel
+from torchkeep._tensors import DTYPE_FROM_NAME, dtype_name, xxh3
 from torchkeep.errors import (
     CheckpointNotFoundError,
     ChecksumError,

@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from torchkeep._tensors import TensorInfo, dtype_name, find_aliases, numel
+from torchkeep._facts import TensorInfo, numel
+from torchkeep._tensors import dtype_name, find_aliases
 from torchkeep.errors import CorruptFileError, TorchkeepError, UnknownFormatError, UnsafeFileError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 from torchkeep.formats.torchscript import is_torchscript, target_for, zip_names

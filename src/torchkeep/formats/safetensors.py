@@ -14,7 +14,6 @@ import json
 import os
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,203 +23,39 @@ from torchkeep._tensors import (
     DTYPE_FROM_NAME,
     FLOAT4,
     NAME_FROM_DTYPE,
-    TensorInfo,
     byte_view,
     check_saveable,
-    dtype_name,
     xxh3,
 )
-from torchkeep.errors import ChecksumError, CorruptFileError
+from torchkeep.errors import ChecksumError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.formats.safetensors_header import (
+    ALIASES_KEY,
+    CHECKSUMS_KEY,
+    Entry,
+    Header,
+    _corrupt,
+    read_header,
+    sniff,
+    tensor_infos,
+)
 from torchkeep.io.read import ReadExtent, read_extents
 from torchkeep.io.write import FilePlan, Slot, write_files
-from torchkeep.safety import bounded_json as _json
-
-ALIASES_KEY = "torchkeep.aliases"
-CHECKSUMS_KEY = "torchkeep.xxh3"
-# Read by torchkeep.models.model; checked here so that every reader refuses a malformed one.
-MODEL_KEY = "torchkeep.model"
-# The reference parser's limit on the header length.
-MAX_HEADER = 100_000_000
-_INT64_MAX = (1 << 63) - 1
-_UINT64_MAX = (1 << 64) - 1
 
 
-class _Entry:
-    __slots__ = ("begin", "dtype", "end", "shape")
-
-    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int) -> None:
-        self.dtype = dtype
-        self.shape = shape
-        self.begin = begin
-        self.end = end
-
-
-@dataclass(frozen=True)
-class Header:
-    """A validated safetensors header.
-
-    Attributes:
-        data_start: the file offset where tensor data begins (8 + the header length).
-        tensors: every stored tensor, in header order.
-        metadata: ``__metadata__`` (strings to strings).
-        aliases: torchkeep's tied names, ``{alias: stored name}``.
-        checksums: torchkeep's per-tensor xxh3 digests, ``{name: hex}``.
-    """
-
-    data_start: int
-    tensors: dict[str, _Entry]
-    metadata: dict[str, str]
-    aliases: dict[str, str]
-    checksums: dict[str, str]
-
-
-def _corrupt(path: str, problem: str) -> CorruptFileError:
-    return CorruptFileError(f"{path!r} is not a valid safetensors file: {problem}")
-
-
-def _is_index(value: object, limit: int) -> bool:
-    # bool is an int subclass; JSON true is not a size.
-    return type(value) is int and 0 <= value <= limit
-
-
-def parse_header(raw: bytes, *, path: str, file_size: int) -> Header:
-    """Validate a safetensors header as strictly as the ``safetensors`` library does, or more.
-
-    Checks the length field against ``file_size``, that the header is strict UTF-8 JSON
-    (bounded depth, no duplicate keys, no NaN), every tensor's dtype (known names only),
-    shape and ``data_offsets`` (non-negative integers, not booleans, within int64), that
-    each tensor's byte count (overflow-checked) matches its offsets, that the tensors tile the
-    data section without gaps or overlaps, that the data section is exactly as long as the
-    file, and that ``__metadata__`` and torchkeep's JSON fields in it are well formed.
-
-    Args:
-        raw: the file's first bytes: the 8-byte length and at least the whole header (the
-            whole file will do).
-        path: the file, for messages.
-        file_size: the file's full length in bytes.
-
-    Returns:
-        The validated header.
-
-    Raises:
-        CorruptFileError: anything malformed, naming the file, the tensor and the offset.
-    """
-    if file_size < 8 or len(raw) < 8:
-        raise _corrupt(path, f"the file is {file_size} bytes, shorter than the 8-byte length field")
-    (length,) = struct.unpack("<Q", raw[:8])
-    if length > file_size - 8:
-        raise _corrupt(
-            path,
-            f"the header length field says {length} bytes but only {file_size - 8} bytes follow "
-            "it (the file is truncated, or its first bytes are damaged)",
-        )
-    if length > MAX_HEADER:
-        raise _corrupt(path, f"the header length field says {length} bytes, over the 100 MB limit")
-    if len(raw) < 8 + length:
-        raise _corrupt(path, f"only {len(raw) - 8} of the header's {length} bytes were given")
-    text = raw[8 : 8 + length]
-    if not text.startswith(b"{"):
-        raise _corrupt(path, "the header (from byte 8) does not start with '{'")
-    header = _json.loads(text, path=path, what="safetensors header", max_bytes=MAX_HEADER)
-    if not isinstance(header, dict):
-        raise _corrupt(path, "the header is not a JSON object")
-    metadata = header.pop("__metadata__", None)
-    if metadata is None:
-        metadata = {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _corrupt(path, "__metadata__ must map strings to strings")
-    tensors = {name: _parse_entry(path, name, spec) for name, spec in header.items()}
-    data_start = 8 + length
-    _check_layout(path, tensors, file_size - data_start)
-    _check_json(path, metadata, MODEL_KEY)
-    return Header(
-        data_start,
-        tensors,
-        metadata,
-        _json_field(path, metadata, ALIASES_KEY),
-        _json_field(path, metadata, CHECKSUMS_KEY),
-    )
-
-
-def read_header(path: str, fd: int, size: int) -> Header:
-    """Read the header of the open file ``fd`` (``size`` bytes long) and validate it."""
-    head = os.pread(fd, 8, 0) if size >= 8 else b""
-    if len(head) == 8:
-        (length,) = struct.unpack("<Q", head)
-        if length <= min(size - 8, MAX_HEADER):
-            head += os.pread(fd, length, 8)
-    return parse_header(head, path=path, file_size=size)
-
-
-def _parse_entry(path: str, name: str, spec: Any) -> _Entry:
-    if not isinstance(spec, dict):
-        raise _corrupt(path, f"the header entry for tensor {name!r} is not an object")
-    code = spec.get("dtype")
-    if not isinstance(code, str) or code not in DTYPE_FROM_NAME:
-        raise _corrupt(path, f"tensor {name!r} has unsupported dtype {code!r}")
-    shape = spec.get("shape")
-    offsets = spec.get("data_offsets")
-    if not isinstance(shape, list) or not all(_is_index(d, _INT64_MAX) for d in shape):
-        raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(_is_index(o, _UINT64_MAX) for o in offsets)
-        or offsets[0] > offsets[1]
-    ):
-        raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
-    dtype = DTYPE_FROM_NAME[code]
-    count = 1
-    for dim in shape:
-        # Checked at every step, as the reference parser does, so a zero later in the shape
-        # does not excuse an overflow earlier in it.
-        count *= dim
-        if count > _INT64_MAX:
-            raise _corrupt(path, f"tensor {name!r} has a shape {shape} whose size overflows")
-    expected = count * dtype.itemsize
-    if dtype == FLOAT4:
-        # The shape counts 4-bit values, two to a byte and to a torch element.
-        if count % 2:
-            raise _corrupt(
-                path, f"tensor {name!r} ({code}{shape}) holds {count} 4-bit values, not whole bytes"
-            )
-        if not shape or shape[-1] % 2:
+def _torch_dtypes(path: str, header: Header) -> dict[str, torch.dtype]:
+    """Each stored tensor's torch dtype, refusing dtypes this torch build lacks."""
+    out: dict[str, torch.dtype] = {}
+    for name, entry in header.tensors.items():
+        dtype = DTYPE_FROM_NAME.get(entry.code)
+        if dtype is None:
             raise _corrupt(
                 path,
-                f"tensor {name!r} ({code}{shape}) has no torch form: torch keeps float4 values "
-                "in pairs along the last dimension (float4_e2m1fn_x2), which must be even",
+                f"tensor {name!r} has dtype {entry.code!r} ({entry.dtype}), which this torch "
+                f"{torch.__version__} does not have",
             )
-        expected = count // 2
-        shape = [*shape[:-1], shape[-1] // 2]
-    if expected > _INT64_MAX:
-        raise _corrupt(path, f"tensor {name!r} ({code}{shape}) is too large to exist")
-    if offsets[1] - offsets[0] != expected:
-        raise _corrupt(
-            path,
-            f"tensor {name!r} ({code}{shape}) needs {expected} bytes but its data_offsets "
-            f"{offsets} span {offsets[1] - offsets[0]}",
-        )
-    return _Entry(dtype, tuple(shape), offsets[0], offsets[1])
-
-
-def _check_layout(path: str, entries: dict[str, _Entry], data_size: int) -> None:
-    position = 0
-    for name, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
-        if entry.begin != position:
-            problem = "overlaps the previous tensor" if entry.begin < position else "leaves a gap"
-            raise _corrupt(path, f"tensor {name!r} at data offset {entry.begin} {problem}")
-        position = entry.end
-    if position > data_size:
-        raise _corrupt(
-            path,
-            f"it is truncated: its header declares tensor data through byte {position} of the "
-            f"data section, but the file holds only {data_size} bytes of data",
-        )
-    if position < data_size:
-        raise _corrupt(
-            path, f"{data_size - position} bytes follow the last tensor's data (damaged header?)"
-        )
+        out[name] = dtype
+    return out
 
 
 class SafetensorsSource(Source):
@@ -242,23 +77,15 @@ class SafetensorsSource(Source):
             header.metadata,
         )
         self._checksums, aliases = header.checksums, header.aliases
-        infos = {
-            name: TensorInfo(name, e.shape, dtype_name(e.dtype), e.end - e.begin)
-            for name, e in self._tensors.items()
-        }
-        for alias, target in aliases.items():
-            if target in infos and alias not in infos:
-                infos[alias] = TensorInfo(
-                    alias, infos[target].shape, infos[target].dtype, infos[target].nbytes
-                )
-        self._entries = {"": infos}
+        self._dtypes = _torch_dtypes(str(path), header)
+        self._entries = {"": tensor_infos(header)}
         self._aliases = {"": {a: t for a, t in aliases.items() if t in self._tensors}}
 
-    def _stored(self, name: str) -> tuple[str, _Entry]:
+    def _stored(self, name: str) -> tuple[str, Entry]:
         stored = self._aliases[""].get(name, name)
         return stored, self._tensors[stored]
 
-    def _read(self, stored: str, entry: _Entry, out: torch.Tensor) -> None:
+    def _read(self, stored: str, entry: Entry, out: torch.Tensor) -> None:
         view = byte_view(out)
         done = os.preadv(self._fd, [view], self._data_start + entry.begin) if view.nbytes else 0
         if done != view.nbytes:
@@ -267,22 +94,22 @@ class SafetensorsSource(Source):
     def get(self, entry: str, name: str) -> torch.Tensor:
         stored, spec = self._stored(name)
         if self._device == "meta":
-            return torch.empty(spec.shape, dtype=spec.dtype, device="meta")
-        out = torch.empty(spec.shape, dtype=spec.dtype)
+            return torch.empty(spec.shape, dtype=self._dtypes[stored], device="meta")
+        out = torch.empty(spec.shape, dtype=self._dtypes[stored])
         self._read(stored, spec, out)
         return out if self._device == "cpu" else out.to(self._device)
 
-    def _direct(self, spec: _Entry, dest: torch.Tensor) -> bool:
+    def _direct(self, stored: str, spec: Entry, dest: torch.Tensor) -> bool:
         return (
             dest.device.type == "cpu"
-            and dest.dtype == spec.dtype
+            and dest.dtype == self._dtypes[stored]
             and dest.is_contiguous()
             and tuple(dest.shape) == spec.shape
         )
 
     def read_into(self, entry: str, name: str, dest: torch.Tensor) -> None:
         stored, spec = self._stored(name)
-        if self._direct(spec, dest):
+        if self._direct(stored, spec, dest):
             # Straight into the parameter's memory: no temporary copy.
             self._read(stored, spec, dest.data)
         else:
@@ -300,7 +127,7 @@ class SafetensorsSource(Source):
         rest: list[tuple[str, torch.Tensor]] = []
         for name, dest in pairs:
             stored, spec = self._stored(name)
-            if self._direct(spec, dest):
+            if self._direct(stored, spec, dest):
                 offset = self._data_start + spec.begin
                 extents.append(
                     ReadExtent(self._fd, offset, byte_view(dest.data), self.path, stored)
@@ -320,7 +147,7 @@ class SafetensorsSource(Source):
             if name not in self._tensors:
                 continue
             spec = self._tensors[name]
-            tensor = torch.empty(spec.shape, dtype=spec.dtype)
+            tensor = torch.empty(spec.shape, dtype=self._dtypes[name])
             self._read(name, spec, tensor)
             actual = xxh3(tensor)
             if actual != expected:
@@ -334,21 +161,6 @@ class SafetensorsSource(Source):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def _json_field(path: str, metadata: dict[str, str], key: str) -> dict[str, str]:
-    """A torchkeep metadata field holding a JSON object of strings (aliases, checksums)."""
-    if key not in metadata:
-        return {}
-    value = _json.loads(metadata[key], path=path, what=f"metadata field {key!r}")
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise _corrupt(path, f"metadata field {key!r} is not a JSON object of strings")
-    return value
-
-
-def _check_json(path: str, metadata: dict[str, str], key: str) -> None:
-    if key in metadata:
-        _json.loads(metadata[key], path=path, what=f"metadata field {key!r}")
 
 
 def file_shape(tensor: torch.Tensor) -> list[int]:
@@ -417,10 +229,7 @@ class SafetensorsFormat:
     is_folder: bool = False
 
     def sniff(self, path: Path, head: bytes) -> bool:
-        if len(head) < 9 or head[8:9] != b"{":
-            return False
-        (length,) = struct.unpack("<Q", head[:8])
-        return bool(2 <= length < (1 << 40))
+        return sniff(head)
 
     def open(self, path: Path, options: OpenOptions) -> Source:
         return SafetensorsSource(path, options)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from torchkeep._common import group_by_size
-from torchkeep._tensors import TensorInfo
+from torchkeep._facts import TensorInfo
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, UnsafeFileError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 from torchkeep.formats.safetensors import SafetensorsFormat, SafetensorsSource, check_storable

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from torchkeep._tensors import TensorInfo, dtype_name, find_aliases
+from torchkeep._facts import ModuleEntry, TensorInfo
+from torchkeep._tensors import dtype_name, find_aliases
 from torchkeep.errors import CorruptFileError, UnknownFormatError, UnsafeFileError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 from torchkeep.safety.rules import SafeRules
-from torchkeep.safety.stubs import ModuleEntry, StubObject
+from torchkeep.safety.stubs import StubObject
 from torchkeep.safety.torch_files import (
     ZIP_MAGIC,
     Target,

@@ -6,7 +6,8 @@ already imported (importing one only when the caller trusts the file), checks it
 ``nn.Module`` subclass before calling anything, builds it and loads the weights. It also
 rebuilds whole-model pickles made of torch.nn's own layers (safely), user classes only when the
 caller trusts the file, and TorchScript and torch.export archives, which run code by design,
-only when the caller trusts the file.
+only when the caller trusts the file. ONNX graphs load as modules that run them through
+onnxruntime (see :mod:`torchkeep.models.onnx_runtime`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torchkeep.errors import (
     InvalidStateError,
     ModelRebuildError,
     TorchkeepWarning,
+    UnknownFormatError,
     UnsafeFileError,
 )
 from torchkeep.formats._base import OpenOptions
@@ -48,6 +50,7 @@ from torchkeep.formats.registry import (
 )
 from torchkeep.formats.safetensors import SafetensorsSource
 from torchkeep.formats.sharded import find_index, read_index
+from torchkeep.models.onnx_runtime import load_onnx, looks_like_onnx
 from torchkeep.safety import bounded_json as _json
 from torchkeep.safety.contain import member
 from torchkeep.safety.stubs import find_stubs, is_module_like
@@ -476,6 +479,23 @@ def _load_archive(path: Path, kind: str, device: str, trust: bool) -> torch.nn.M
     return module.to(device) if device != "cpu" else module
 
 
+def _load_onnx_graph(
+    path: Path, cls: type[torch.nn.Module] | None, device: torch.device, trust: bool, train: bool
+) -> torch.nn.Module:
+    """An ONNX file as a module that runs its graph with onnxruntime (no trust needed)."""
+    if cls is not None:
+        raise InvalidArgumentError(
+            f"{str(path)!r} is an ONNX graph, whose weights torchkeep does not load into a "
+            "class; call load_model(path) without cls= to run the graph with onnxruntime, or "
+            "load the PyTorch checkpoint the graph was exported from"
+        )
+    if train:
+        raise InvalidArgumentError(
+            f"{str(path)!r} is an ONNX graph, which runs inference only; drop train=True"
+        )
+    return load_onnx(path, device, trust)
+
+
 def _pickled_model(path: Path, trust: bool, allow_globals: Iterable[str]) -> torch.nn.Module:
     try:
         obj = safe_torch_load(
@@ -546,14 +566,17 @@ def load_model(
     safely when every class is torch.nn's own; user classes only with ``trust=True``),
     TorchScript archives and torch.export ``.pt2`` archives (these run code from the file, so
     only with ``trust=True``; with ``cls`` their weights are loaded into that class instead),
-    and plain weight files when ``cls`` says what to build.
+    ONNX graphs (recognised by their bytes, run through onnxruntime by a module that takes and
+    returns tensors; no trust needed, as onnxruntime runs no code from the file), and plain
+    weight files when ``cls`` says what to build.
 
     Args:
         path: the file or folder.
         cls: the model class to build (overrides the recorded one; needed for plain weights).
         device: where the model goes (default CPU).
         trust: allow the file to run code: its pickle's classes, the module its record names,
-            a TorchScript or torch.export program.
+            a TorchScript or torch.export program. For an ONNX graph, skip the check that its
+            external weight files lie inside its folder.
         allow_globals: extra ``"module.name"`` globals the allowlist accepts.
         train: leave the model in training mode (default: ``eval()``).
         sha256: the file's expected SHA-256 (hex, or a prefix of it).
@@ -569,8 +592,10 @@ def load_model(
         ModelRebuildError: the class cannot be imported, is not a module, or the file holds
             no model.
         UnsafeFileError: without ``trust``: the pickle needs classes outside torch.nn, the
-            record names a module that is not imported, or the file is a TorchScript or
-            torch.export archive.
+            record names a module that is not imported, the file is a TorchScript or
+            torch.export archive, or an ONNX graph reads weights from outside its folder.
+        MissingDependencyError: an ONNX graph, and onnxruntime (or onnx) is not installed.
+        DeviceError: an ONNX graph on a device this onnxruntime cannot use.
     """
     if isinstance(path, torch.nn.Module):
         raise InvalidStateError(
@@ -599,7 +624,13 @@ def load_model(
             )
     where = Path(os.fspath(path))
     target = str(check_device(device, f"load {str(where)!r}"))
-    resolved, fmt = detect(where)
+    try:
+        resolved, fmt = detect(where)
+    except UnknownFormatError:
+        # ONNX has no magic number, so it is tried only after every format that has one.
+        if not looks_like_onnx(where):
+            raise
+        return _load_onnx_graph(where, cls, torch.device(target), trust, train)
     model: torch.nn.Module
     if fmt in (TORCHSCRIPT, TORCH_EXPORT) and cls is None:
         model = _load_archive(resolved, fmt.name, target, trust)
@@ -668,7 +699,9 @@ def load_for_inference(
 ) -> torch.nn.Module:
     """A model ready for inference: loaded, moved, ``eval()``, gradients off.
 
-    Three forms: ``load_for_inference(path)`` rebuilds the model with :func:`load_model`;
+    Three forms: ``load_for_inference(path)`` rebuilds the model with :func:`load_model`
+    (an ``.onnx`` graph becomes a module that runs it with onnxruntime on the CPU, or with its
+    CUDA provider for ``device="cuda"``);
     ``load_for_inference(model, path)`` loads the file's weights into your model with
     :func:`torchkeep.load` (strictly: every name and shape must match); and
     ``load_for_inference(model)`` prepares a model you already loaded.

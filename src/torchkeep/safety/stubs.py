@@ -11,11 +11,11 @@ from there under the names ``model.state_dict()`` would give.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from torchkeep._facts import ModuleEntry
 from torchkeep.errors import CorruptFileError, UnsafeFileError
 
 STUB_MODULE = "torchkeep.stubs"
@@ -163,23 +163,6 @@ def _state_dict(obj: Any, prefix: str, out: dict[str, torch.Tensor], walk: _Walk
         if child is not None and is_module_like(child):
             _state_dict(child, f"{prefix}{name}.", out, walk)
     walk.open.discard(id(obj))
-
-
-@dataclass(frozen=True)
-class ModuleEntry:
-    """One module of a model's tree, as found in a file.
-
-    Attributes:
-        name: its dotted path (``""`` for the root).
-        type: its class's fully qualified name (recorded in the file; the class may not exist).
-        params: elements in its parameters and persistent buffers, children included.
-        depth: nesting level (0 for the root).
-    """
-
-    name: str
-    type: str
-    params: int
-    depth: int
 
 
 def module_tree(obj: Any) -> list[ModuleEntry]:

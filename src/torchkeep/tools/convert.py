@@ -42,7 +42,8 @@ from torchkeep.errors import (
 )
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 from torchkeep.formats.registry import SAFETENSORS, SHARDED, for_writing, open_source
-from torchkeep.formats.safetensors import ALIASES_KEY, CHECKSUMS_KEY, build_header, check_storable
+from torchkeep.formats.safetensors import build_header, check_storable
+from torchkeep.formats.safetensors_header import ALIASES_KEY, CHECKSUMS_KEY
 from torchkeep.formats.sharded import SAFETENSORS_INDEX, find_index
 from torchkeep.storage.local import atomic_dir, atomic_file
 from torchkeep.storage.locate import needs_staging, readable, writable

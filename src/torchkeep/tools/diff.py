@@ -17,7 +17,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from torchkeep._tensors import TensorInfo, dtype_name, to_cpu_contiguous, xxh3
+from torchkeep._facts import TensorInfo
+from torchkeep._tensors import dtype_name, to_cpu_contiguous, xxh3
 from torchkeep.formats._base import OpenOptions, Source
 from torchkeep.formats.registry import open_source
 from torchkeep.storage.locate import needs_staging, readable

@@ -43,7 +43,7 @@ from torchkeep.weights.assign import (
     warn_meta_left,
 )
 from torchkeep.weights.entries import Choice, choose_entry, default_entry
-from torchkeep.weights.info import CheckpointInfo
+from torchkeep.weights.info import CheckpointInfo, header_info
 from torchkeep.weights.keys import (
     KeyPlan,
     Patterns,
@@ -706,6 +706,9 @@ def inspect(
             info = inspect(local, entry=entry, trust=trust, allow_globals=allow_globals)
         return dataclasses.replace(info, path=os.fspath(path))
     where = Path(os.fspath(path))
+    described = header_info(where, entry)
+    if described is not None:
+        return described  # the header says it all: what the CLI shows too
     options = OpenOptions(device="meta", trust=trust, allow_globals=tuple(allow_globals))
     with open_source(where, options) as source:
         entries = source.entries()

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from torchkeep._tensors import TensorInfo
+from torchkeep._facts import TensorInfo
 from torchkeep.errors import CorruptFileError, EntryNotFoundError
 
 if TYPE_CHECKING:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
-from torchkeep._tensors import TensorInfo
-from torchkeep.safety.stubs import ModuleEntry
+from torchkeep._facts import ModuleEntry, TensorInfo
+from torchkeep.formats.safetensors_header import (
+    is_safetensors_file,
+    read_file_header,
+    tensor_infos,
+)
 
 
 @dataclass(frozen=True)
@@ -66,3 +71,33 @@ class CheckpointInfo:
         for info in self.tensors:
             counts[info.dtype] = counts.get(info.dtype, 0) + 1
         return counts
+
+
+def header_info(path: str | os.PathLike[str], entry: str | None = None) -> CheckpointInfo | None:
+    """The description of a local file whose header says it all (safetensors), else None.
+
+    Needs no torch: ``torchkeep inspect`` answers from it without importing torch, and
+    :func:`torchkeep.inspect` returns the same for the same file.
+    """
+    if entry in (None, "") and is_safetensors_file(path):
+        return safetensors_info(path)
+    return None
+
+
+def safetensors_info(path: str | os.PathLike[str]) -> CheckpointInfo:
+    """Describe a safetensors file from its header alone; needs no torch.
+
+    What :func:`torchkeep.inspect` returns for such a file, and what ``torchkeep inspect``
+    shows without importing torch.
+    """
+    header = read_file_header(path)
+    tensors = tuple(tensor_infos(header).values())
+    return CheckpointInfo(
+        path=os.fspath(path),
+        format="safetensors",
+        size=os.stat(path).st_size,
+        entry="",
+        entries={"": len(tensors)},
+        tensors=tensors,
+        metadata=dict(header.metadata),
+    )

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch.nn.parameter import is_lazy
 
-from torchkeep._tensors import TensorInfo, dtype_name, stored_shape
+from torchkeep._facts import TensorInfo
+from torchkeep._tensors import dtype_name, stored_shape
 from torchkeep.errors import TorchkeepWarning
 from torchkeep.weights.entries import NOT_WEIGHTS
 from torchkeep.weights.keys import KeyPlan

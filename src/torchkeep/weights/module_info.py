@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from torchkeep._tensors import dtype_name, numel
+from torchkeep._facts import numel
+from torchkeep._tensors import dtype_name
 
 
 @dataclass(frozen=True)
