@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import torchkeep as tk
+from torchkeep.storage import local as local_storage
 from torchkeep.training.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from torchkeep.training.manager import CheckpointManager
 
@@ -290,3 +291,28 @@ def test_operating_system_errors_while_reading_are_typed(
         tk.load_state_dict(path)
     assert isinstance(caught.value, builtin) and isinstance(caught.value, tk.TorchkeepError)
     assert caught.value.errno == code and str(path) in str(caught.value)
+
+
+@pytest.mark.skipif(local_storage._RENAMEAT2 is None, reason="needs renameat2 (Linux)")
+def test_an_overwrite_swaps_the_folders_in_one_step(tmp_path: Path) -> None:
+    """No instant without a checkpoint at the path: no rename-aside-then-rename-in."""
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, epoch=1, weights=STATE["weights"])
+    with mock.patch("os.replace", side_effect=AssertionError("a two-step overwrite")):
+        save_checkpoint(path, epoch=2, weights=STATE["weights"])
+    assert load_checkpoint(path, verify=True)["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_without_a_one_step_swap_an_overwrite_renames_aside_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_storage, "_RENAMEAT2", None)
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, epoch=1, weights=STATE["weights"])
+    renames = calls_in_one_save(
+        "replace", lambda: save_checkpoint(path, epoch=2, weights=STATE["weights"])
+    )
+    assert renames >= 2  # the old folder aside, the new one in
+    assert load_checkpoint(path, verify=True)["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -8,11 +8,15 @@ folder is fsynced so the rename itself survives a power cut.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from torchkeep._common import TEMP_MARKER
 from torchkeep.errors import CheckpointWriteError, TorchkeepError
@@ -123,17 +127,58 @@ def atomic_file(path: str | os.PathLike[str], *, durable: bool = True) -> Iterat
         raise
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _renameat2() -> Any:
+    """libc's ``renameat2`` (Linux, glibc 2.28+), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+    function.argtypes += [ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _renameat2()
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (``renameat2(RENAME_EXCHANGE)``).
+
+    Returns:
+        False where the system or filesystem cannot (nothing was changed then).
+    """
+    if _RENAMEAT2 is None:
+        return False
+    done = _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if done == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str], *, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary folder to fill; on success it takes the place of ``path``.
 
-    An existing folder at ``path`` is moved aside first and removed only after the new one is
-    in place, so a crash leaves either the old folder or the new one under a recoverable name.
+    An existing folder at ``path`` is swapped with the new one in one step where the system
+    can (Linux), then removed, so ``path`` always holds the old folder or the new one; where
+    it cannot, it is moved aside first and removed only after the new one is in place, so a
+    crash leaves either folder, if not at ``path`` then under a recoverable hidden name.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_sibling(final)
     temp.mkdir()
+    swapped = False
     try:
         yield temp
         if durable:
@@ -141,8 +186,18 @@ def atomic_dir(path: str | os.PathLike[str], *, durable: bool = True) -> Iterato
                 if child.is_file():
                     fsync_file(child)
             fsync_dir(temp)
+        if final.exists() and exchange(temp, final):
+            # One step: the old folder now has the temporary name. Kept if the fsync fails,
+            # so a caller can put it back (training.checkpoint does).
+            swapped = True
+            if durable:
+                fsync_dir(final.parent)
+            shutil.rmtree(temp, ignore_errors=True)
+            return
         old: Path | None = None
         if final.exists():
+            # Where paths cannot be swapped in one step, a crash between these two renames
+            # leaves the old folder under a hidden name, not at ``path``.
             old = temp_sibling(final)
             os.replace(final, old)
         os.replace(temp, final)
@@ -151,7 +206,8 @@ def atomic_dir(path: str | os.PathLike[str], *, durable: bool = True) -> Iterato
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
-        shutil.rmtree(temp, ignore_errors=True)
+        if not swapped:
+            shutil.rmtree(temp, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, TorchkeepError):
             raise write_failed(exc, final) from exc
         raise
