@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
-from torchkeep.formats.native import parse_manifest
+from torchkeep.formats.manifest import parse_manifest
 from torchkeep.formats.safetensors_header import parse_header
 from torchkeep.formats.sharded import parse_index
 from torchkeep.safety import bounded_json as _json

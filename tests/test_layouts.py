@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import torchkeep as tk
-from torchkeep.formats.native import read_manifest
+from torchkeep.formats.manifest import read_manifest
 from torchkeep.safety.stubs import StubObject, find_stubs
 from torchkeep.safety.unpickle import safe_pickle_load, scan_file
 

@@ -29,6 +29,7 @@ LAZY = {
     ("torchkeep.cli.inspect_cmd", "torchkeep.formats._base"),
     ("torchkeep.cli.inspect_cmd", "torchkeep.formats.registry"),
     ("torchkeep.cli.inspect_cmd", "torchkeep.tools.stats"),
+    ("torchkeep.cli.manager_cmds", "torchkeep.training.manager"),
 }
 
 

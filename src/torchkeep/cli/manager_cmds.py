@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.text import Text
@@ -13,7 +13,10 @@ from torchkeep._common import COMMIT_MARKERS
 from torchkeep.cli._app import debug_option, json_option
 from torchkeep.cli._output import console, emit_json, human_bytes, print_columns
 from torchkeep.errors import CheckpointNotFoundError
-from torchkeep.training.manager import CheckpointManager
+from torchkeep.training.steps import LocalSteps, checkpoints
+
+if TYPE_CHECKING:
+    pass
 
 LS_EPILOG = """\b
 Examples:
@@ -67,7 +70,7 @@ def _created(path: Path | str) -> str:
     return ""
 
 
-def _rows(manager: CheckpointManager) -> list[dict[str, Any]]:
+def _rows(steps: LocalSteps) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [
         {
             "step": c.step,
@@ -78,9 +81,9 @@ def _rows(manager: CheckpointManager) -> list[dict[str, Any]]:
             "committed": True,
             "status": "committed",
         }
-        for c in manager.checkpoints()
+        for c in checkpoints(steps)
     ]
-    for path in manager.torn():
+    for path in steps.torn():
         rows.append(
             {
                 "step": None,
@@ -107,8 +110,9 @@ def _metrics_text(metrics: dict[str, Any]) -> str:
 @debug_option
 def ls_command(directory: str, as_json: bool) -> None:
     """List the checkpoints of a CheckpointManager folder: step, time, size, metrics, status."""
-    manager = CheckpointManager(_folder(directory))
-    rows = _rows(manager)
+    # The step folders are read as the manager reads them, without importing torch.
+    steps = LocalSteps(_folder(directory))
+    rows = _rows(steps)
     if as_json:
         emit_json(rows)
         return
@@ -116,7 +120,8 @@ def ls_command(directory: str, as_json: bool) -> None:
     if not rows:
         out.print(f"{directory}: no checkpoints")
         return
-    latest = manager.latest()
+    committed = [row["step"] for row in rows if row["committed"]]
+    latest = max(committed) if committed else None
     table: list[list[str | Text]] = []
     for row in rows:
         step = "-" if row["step"] is None else str(row["step"])
@@ -162,6 +167,8 @@ def prune_command(
     as_json: bool,
 ) -> None:
     """Apply retention to a CheckpointManager folder and remove torn leftovers."""
+    from torchkeep.training.manager import CheckpointManager
+
     folder = _folder(directory)
     if keep_best is not None and monitor is None:
         raise click.UsageError("--keep-best needs --monitor METRIC")

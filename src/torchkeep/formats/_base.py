@@ -17,31 +17,8 @@ import torch
 
 from torchkeep._facts import ModuleEntry, TensorInfo
 from torchkeep._tensors import copy_into
-from torchkeep.errors import CorruptFileError
 
 MapLocation = Callable[[Any, str], Any] | str | None
-
-
-def check_format(
-    document: Any, *, format: str, version: int, what: str, where: str
-) -> dict[str, Any]:
-    """Refuse a commit document of another format or of a newer version than this one reads.
-
-    Args:
-        document: the parsed JSON.
-        format: the ``format`` field it must carry.
-        version: the newest ``version`` this torchkeep reads.
-        what: how to name the document in errors (``"'run/step-1/checkpoint.json'"``).
-        where: the checkpoint, for the upgrade message.
-    """
-    if not isinstance(document, dict) or document.get("format") != format:
-        raise CorruptFileError(f"{what} is not a {format!r} document")
-    if not isinstance(document.get("version"), int) or document["version"] > version:
-        raise CorruptFileError(
-            f"{where!r} has {format!r} version {document.get('version')!r}; this "
-            f"torchkeep reads up to version {version}: upgrade torchkeep"
-        )
-    return document
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from torchkeep._common import DCP_MARKER
 from torchkeep._facts import TensorInfo, numel
 from torchkeep._tensors import dtype_name
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, UnsupportedValueError
-from torchkeep.formats._base import check_format
+from torchkeep.formats.manifest import check_format
 from torchkeep.formats.tree import TAG, Flattener, index, join
 from torchkeep.safety import bounded_json as _json
 from torchkeep.safety.contain import check_name, member

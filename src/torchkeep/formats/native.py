@@ -23,106 +23,20 @@ import xxhash
 
 from torchkeep._common import MANIFEST, OBJECTS
 from torchkeep._facts import TensorInfo, numel
-from torchkeep._tensors import DTYPE_FROM_NAME, dtype_name, xxh3
+from torchkeep._tensors import xxh3
 from torchkeep.errors import (
-    CheckpointNotFoundError,
     ChecksumError,
     CorruptFileError,
     UnknownFormatError,
     UnsafeFileError,
 )
-from torchkeep.formats._base import OpenOptions, Source, WriteRequest, check_format
+from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.formats.manifest import read_manifest
 from torchkeep.formats.safetensors import SafetensorsSource
-from torchkeep.safety import bounded_json as _json
-from torchkeep.safety.contain import check_name, member
+from torchkeep.safety.contain import member
 from torchkeep.safety.unpickle import safe_pickle_load
 
 PathLike = str | os.PathLike[str]
-
-
-FORMAT = "torchkeep-checkpoint"
-VERSION = 1
-
-
-def _not_committed(path: Path) -> CorruptFileError:
-    hint = ""
-    if any(p.name.startswith("step-") for p in path.iterdir() if p.is_dir()):
-        hint = " It looks like a CheckpointManager folder: use CheckpointManager(path).restore()."
-    return CorruptFileError(
-        f"folder {str(path)!r} has no {MANIFEST}, so it is not a committed checkpoint: the save "
-        f"that wrote it did not finish, or it is not a torchkeep checkpoint.{hint}"
-    )
-
-
-def read_manifest(path: PathLike) -> dict[str, Any]:
-    """The parsed ``checkpoint.json`` of a native checkpoint folder, checked for its version."""
-    folder = Path(path)
-    if not folder.exists():
-        raise CheckpointNotFoundError(f"no checkpoint at {str(folder)!r}")
-    file = member(folder, MANIFEST, path=str(folder), what="manifest", flat=True)
-    if not file.is_file():
-        raise _not_committed(folder)
-    with open(file, "rb") as f:
-        raw = f.read(_json.MAX_BYTES + 1)
-    return parse_manifest(raw, path=str(folder / MANIFEST))
-
-
-_DTYPES = frozenset(dtype_name(d) for d in DTYPE_FROM_NAME.values())
-
-
-def parse_manifest(raw: bytes, *, path: str) -> dict[str, Any]:
-    """Validate the bytes of a ``checkpoint.json``; return the manifest.
-
-    Pure: nothing but ``raw`` is read. Checks the JSON (bounded, strict), the format and
-    version, the ``state``/``tensors``/``files`` sections, every file name (a plain name in
-    the checkpoint's folder) and every tensor record (file listed, known dtype, shape of
-    non-negative integers, integer byte counts).
-
-    Args:
-        raw: the file's bytes.
-        path: the manifest file, for messages.
-
-    Raises:
-        CorruptFileError: malformed JSON or records, another format, a newer version.
-        UnsafeFileError: a file name leading out of the checkpoint folder.
-    """
-    document = _json.loads(raw, path=path, what="checkpoint.json manifest")
-    where = str(Path(path).parent)
-    manifest = check_format(document, format=FORMAT, version=VERSION, what=repr(path), where=where)
-    for key in ("state", "tensors", "files"):
-        if not isinstance(manifest.get(key), dict):
-            raise CorruptFileError(f"{path!r} has no valid {key!r} section")
-
-    def bad(problem: str) -> CorruptFileError:
-        return CorruptFileError(f"{path!r} is damaged: {problem}")
-
-    for name, info in manifest["files"].items():
-        check_name(name, path=path, what="file", flat=True)
-        if not isinstance(info, dict) or not _count(info.get("bytes")):
-            raise bad(f"file {name!r} has no valid byte count")
-    for name, info in manifest["tensors"].items():
-        if not isinstance(info, dict):
-            raise bad(f"tensor {name!r} has no valid record")
-        check_name(info.get("file"), path=path, what="file", flat=True)
-        if info["file"] not in manifest["files"]:
-            raise bad(f"tensor {name!r} is in unlisted file {info.get('file')!r}")
-        if info.get("dtype") not in _DTYPES:
-            raise bad(f"tensor {name!r} has unknown dtype {info.get('dtype')!r}")
-        shape = info.get("shape")
-        if not isinstance(shape, list) or not all(_count(d) for d in shape):
-            raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
-        if "nbytes" in info and not _count(info["nbytes"]):
-            raise bad(f"tensor {name!r} has an invalid byte count {info['nbytes']!r}")
-        if "xxh3" in info and not isinstance(info["xxh3"], str):
-            raise bad(f"tensor {name!r} has an invalid checksum {info['xxh3']!r}")
-    objects = manifest.get("objects")
-    if objects is not None and not isinstance(objects, dict):
-        raise bad("its 'objects' record is not an object")
-    return manifest
-
-
-def _count(value: object) -> bool:
-    return type(value) is int and 0 <= value < (1 << 63)
 
 
 class NativeCheckpoint:

@@ -49,10 +49,10 @@ from torchkeep.errors import (
     UnsupportedTensorError,
     UnsupportedValueError,
 )
+from torchkeep.formats.manifest import NON_FINITE
 
 TAG = "__tk__"
 _MAX_DEPTH = 200
-_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
 def join(path: str, key: object) -> str:
@@ -407,7 +407,7 @@ class Unflattener:
                 self.decode(k, path): self.decode(v, join(path, str(k))) for k, v in node["items"]
             }
         if tag == "float":
-            return _FLOATS[node["value"]]
+            return NON_FINITE[node["value"]]
         if tag == "complex":
             return complex(self.decode(node["real"], path), self.decode(node["imag"], path))
         if tag == "bytes":

@@ -35,7 +35,7 @@ from torchkeep.errors import (
     MissingDependencyError,
     UnsupportedValueError,
 )
-from torchkeep.formats.native import read_manifest
+from torchkeep.formats.manifest import read_manifest
 from torchkeep.formats.tree import Unflattener
 from torchkeep.storage.local import remove_leftovers, remove_tree
 from torchkeep.storage.locate import needs_staging

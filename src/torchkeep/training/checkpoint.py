@@ -35,12 +35,8 @@ from torchkeep.errors import (
     InvalidStateError,
     UnsafeFileError,
 )
-from torchkeep.formats.native import (
-    FORMAT,
-    VERSION,
-    NativeCheckpoint,
-    read_manifest,
-)
+from torchkeep.formats.manifest import FORMAT, VERSION, read_manifest
+from torchkeep.formats.native import NativeCheckpoint
 from torchkeep.formats.tree import (
     Flattener,
     Unflattener,

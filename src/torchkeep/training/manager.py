@@ -25,14 +25,11 @@ from torchkeep._common import MANIFEST, parse_size
 from torchkeep._device import check_device
 from torchkeep.errors import (
     CheckpointNotFoundError,
-    CorruptFileError,
     InvalidArgumentError,
     InvalidStateError,
     ManagerClosedError,
-    TorchkeepError,
     TorchkeepWarning,
 )
-from torchkeep.formats.tree import Unflattener
 from torchkeep.io.recycle import BIN_NAME, RecycleBin
 from torchkeep.storage.remote import is_remote, local_path
 from torchkeep.training.checkpoint import (
@@ -55,11 +52,7 @@ from torchkeep.training.retention import (
     ranked,
     to_delete,
 )
-from torchkeep.training.steps import LocalSteps, Location, RemoteSteps, Steps
-
-
-def _no_tensors(name: str) -> torch.Tensor:
-    raise CorruptFileError(f"metrics refer to a tensor {name!r}")
+from torchkeep.training.steps import LocalSteps, Location, RemoteSteps, Steps, checkpoints
 
 
 class CheckpointManager:
@@ -195,19 +188,9 @@ class CheckpointManager:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def _read_metrics(self, path: Location) -> dict[str, float]:
-        try:
-            raw = self._steps.record(path).get("metrics") or {}
-            metrics = Unflattener(_no_tensors, where=str(path)).decode(raw, "metrics")
-        except (OSError, ValueError, TorchkeepError):
-            return {}  # unreadable: it is kept or dropped by step alone
-        return metrics if isinstance(metrics, dict) else {}
-
     def checkpoints(self) -> list[Checkpoint]:
         """Every committed checkpoint with its step, folder and saved metrics."""
-        return [
-            Checkpoint(step, path, self._read_metrics(path)) for step, path in self._committed()
-        ]
+        return checkpoints(self._steps)
 
     def best(self) -> int | None:
         """The committed step with the best ``monitor`` value, or None when none has it.

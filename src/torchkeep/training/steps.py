@@ -14,17 +14,21 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torchkeep._common import COMMIT_MARKERS, DCP_MARKER, MANIFEST
-from torchkeep.errors import CorruptFileError, TorchkeepWarning
+from torchkeep.errors import CorruptFileError, TorchkeepError, TorchkeepWarning
+from torchkeep.formats.manifest import plain_number, read_manifest
 from torchkeep.io.recycle import RecycleBin
 from torchkeep.safety import bounded_json as _json
 from torchkeep.safety.contain import member
 from torchkeep.storage.commit import uploaded, withdraw
 from torchkeep.storage.local import is_leftover, retire
 from torchkeep.storage.remote import RemoteFolder, downloaded
-from torchkeep.training.checkpoint import Snapshot, read_manifest, write_native
+from torchkeep.training.retention import Checkpoint
+
+if TYPE_CHECKING:
+    from torchkeep.training.checkpoint import Snapshot
 
 STEP_DIR = re.compile(r"step-(\d+)")
 Location = Path | str
@@ -129,7 +133,7 @@ class LocalSteps:
         snapshot: Snapshot,
         step: int,
         max_shard_size: int | str,
-        writer: Writer = write_native,
+        writer: Writer,
     ) -> Location:
         self.prepare(step)
         target = self.location(step)
@@ -233,7 +237,7 @@ class RemoteSteps:
         snapshot: Snapshot,
         step: int,
         max_shard_size: int | str,
-        writer: Writer = write_native,
+        writer: Writer,
     ) -> Location:
         location = self.location(step)
         self._cache.pop(step_name(step), None)
@@ -263,3 +267,25 @@ class RemoteSteps:
     def local_copy(self, location: Location) -> Iterator[Path]:
         with downloaded(str(location), self.folder.options) as local:
             yield local
+
+
+def checkpoints(steps: Steps) -> list[Checkpoint]:
+    """Every committed checkpoint with its step, location and saved metrics (needs no torch).
+
+    A metric that is not a number, or a marker that cannot be read, leaves the checkpoint
+    with fewer (or no) metrics: it is then kept or dropped by its step alone.
+    """
+    found: list[Checkpoint] = []
+    for step, location in steps.committed():
+        try:
+            raw = steps.record(location).get("metrics") or {}
+        except (OSError, ValueError, TorchkeepError):
+            raw = {}
+        metrics: dict[str, float] = {}
+        if isinstance(raw, dict):
+            for name, node in raw.items():
+                value = plain_number(node)
+                if value is not None:
+                    metrics[str(name)] = value
+        found.append(Checkpoint(step, location, metrics))
+    return found
