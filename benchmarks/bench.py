@@ -17,6 +17,7 @@ printed and written as JSON (``bench-output/results.json`` by default).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -52,6 +53,7 @@ from workload import (
 )
 
 import torchkeep as tk
+from torchkeep.io import positional
 from torchkeep.io._sys import io_threads
 
 HERE = Path(__file__).resolve().parent
@@ -269,6 +271,55 @@ class Bench:
         torch.save(self.state, files["torch"])
         save_file(self.state, files["st"])
         return files
+
+    def portable(self) -> None:
+        """The fallbacks for platforms without preadv/pwritev, beside the fast path."""
+        fast = positional.MODE
+        target = make_model(self.megabytes, seed=1)
+        files = {m: self.path(f"portable-{m}.safetensors") for m in positional.MODES}
+
+        def in_mode(mode: str, work: Callable[[], object]) -> Callable[[], None]:
+            def run() -> None:
+                positional.MODE = mode
+                try:
+                    work()
+                finally:
+                    positional.MODE = fast
+
+            return run
+
+        for verb in ("save", "load"):
+            peers: dict[str, Peer] = {}
+            for mode in positional.MODES:
+                file = files[mode]
+                if verb == "save":
+                    work = in_mode(
+                        mode, functools.partial(tk.save, self.state, file, durable=False)
+                    )
+                    peers[mode] = Peer(mode, work, after=functools.partial(remove, file))
+                else:
+                    tk.save(self.state, file, durable=False)
+                    peers[mode] = Peer(
+                        mode, in_mode(mode, functools.partial(tk.load, target, file))
+                    )
+            compare(list(peers.values()), self.runs)
+            for mode in positional.MODES:
+                if mode == fast:
+                    continue
+                row = timed_row(
+                    f"{verb}, I/O fallback '{mode}'",
+                    {"torchkeep": peers[mode], "limit": peers[fast]},
+                    "limit",
+                )
+                row.note = (
+                    f"of limit: the '{fast}' fast path's time over this fallback's; "
+                    + ("one copy per read (os.pread)" if mode == "positional" else "")
+                    + ("one call at a time per file (lseek + read/write)" if mode == "seek" else "")
+                )
+                self.rows.append(row)
+                self.report(row)
+        for file in files.values():
+            remove(file)
 
     def load(self) -> None:
         """Loading into an existing model, warm and cold page cache."""
@@ -694,7 +745,16 @@ def header() -> str:
     )
 
 
-SECTIONS = ("save", "load", "inspect", "checkpoints", "async", "incremental", "memory")
+SECTIONS = (
+    "save",
+    "load",
+    "inspect",
+    "checkpoints",
+    "async",
+    "incremental",
+    "memory",
+    "portable",
+)
 
 
 def main() -> None:

@@ -90,16 +90,30 @@ def test_group_help_lists_every_command_with_its_summary() -> None:
         assert command.get_short_help_str(limit=200) == summary
 
 
-def test_the_command_line_starts_without_torch() -> None:
-    """`torchkeep --help` imports no torch: it answers in a fraction of torch's import time."""
+def _without_torch(*args: str) -> str:
+    """Run the command in a new process; fail if it imported torch; return its output."""
     code = (
         "import sys; from torchkeep.cli import main\n"
-        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "try:\n    main(sys.argv[1:], prog_name='torchkeep')\n"
+        "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "Commands:" in done.stdout
+    return done.stdout
+
+
+def test_the_command_line_answers_without_torch_where_it_can(tmp_path: Path) -> None:
+    """--help, inspect and verify of a safetensors file, ls: a fraction of torch's import
+    time (benchmarks/cli_startup.py measures it)."""
+    assert "Commands:" in _without_torch("--help")
+    weights = tmp_path / "net.safetensors"
+    tk.save({"fc.weight": torch.ones(3, 2), "fc.bias": torch.zeros(3)}, weights)
+    assert "parameters" in _without_torch("inspect", str(weights))
+    assert "OK" in _without_torch("verify", str(weights))
+    manager = tk.CheckpointManager(tmp_path / "run")
+    manager.save(7, weights=torch.ones(2), metrics={"loss": 0.25})
+    assert "loss=0.25" in _without_torch("ls", str(tmp_path / "run"))
 
 
 def test_importing_torchkeep_imports_no_torch_until_a_name_is_used() -> None:
@@ -608,25 +622,38 @@ def test_verify_damaged_golden_files_exit_1(name: str, where: str, message: str)
     assert where in problem and message in problem
 
 
-# good golden file -> (format verify detects, tensors it confirms, safetensors files in it)
+# good golden file -> (format verify detects, what it says it checked, safetensors files in it)
 GOOD_VERIFY = {
-    "net.safetensors": ("safetensors", 9, 1),
-    "net_state_dict.pt": ("torch-zip", 9, 0),
-    "net_state_dict_legacy.pt": ("torch-legacy", 9, 0),
-    "net_sharded": ("sharded", 9, 2),
-    "net_sharded_bin": ("sharded", 9, 0),
-    "net_checkpoint.pt": ("torch-zip", 27, 0),  # the model's 9 and Adam's 18 (3 per parameter)
+    "net.safetensors": ("safetensors", "9 tensors, 0 checksums verified", 1),
+    "net_state_dict.pt": (
+        "torch-zip",
+        "15 records (CRC-32) checked, 9 tensors read through the allowlist",
+        0,
+    ),
+    "net_state_dict_legacy.pt": ("torch-legacy", "9 tensors read through the allowlist", 0),
+    "net_sharded": ("sharded", "2 files, 9 tensors, 0 checksums verified", 2),
+    "net_sharded_bin": (
+        "sharded",
+        "2 files, 21 records (CRC-32) checked, 9 tensors read through the allowlist",
+        0,
+    ),
+    # The model's 9 tensors and Adam's 18 (3 per parameter).
+    "net_checkpoint.pt": (
+        "torch-zip",
+        "33 records (CRC-32) checked, 27 tensors read through the allowlist",
+        0,
+    ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(GOOD_VERIFY))
 def test_verify_good_golden_files_exit_0(name: str) -> None:
-    fmt, tensors, unhashed = GOOD_VERIFY[name]
+    fmt, checked, unhashed = GOOD_VERIFY[name]
     result = run("verify", GOLDEN / name)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    # Files not written by torchkeep carry no checksums: none is claimed.
-    assert lines[0] == f"OK {GOLDEN / name} [{fmt}]: {tensors} tensors, 0 checksums verified"
+    # Files not written by torchkeep carry no checksums: none is claimed, what was is named.
+    assert lines[0] == f"OK {GOLDEN / name} [{fmt}]: {checked}"
     assert not [line for line in lines if line.startswith("  problem ")]
     notes = [line for line in lines if line.startswith("  note ")]
     assert len(notes) == unhashed, lines

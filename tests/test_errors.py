@@ -48,10 +48,12 @@ ALLOWED: frozenset[tuple[str, str, str]] = frozenset(
         # into CheckpointWriteError).
         ("io/write.py", "write_all", "OSError"),
         ("io/write.py", "pwrite_all", "OSError"),
+        # The swap of two folders fails as the OS reports it; atomic_dir, its only caller,
+        # turns it into a CheckpointWriteError naming the path.
+        ("storage/local.py", "exchange", "OSError"),
         # Invariants of torchkeep's own planning, like assert: no argument can reach them.
         ("io/write.py", "FilePlan.header", "AssertionError"),
         ("tools/convert.py", "_Writer.safetensors", "AssertionError"),
-        ("cli/_output.py", "human_bytes", "AssertionError"),
     }
 )
 

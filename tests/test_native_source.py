@@ -35,8 +35,9 @@ def test_inspect_describes_the_other_entries(checkpoint) -> None:
     _, path = checkpoint
     info = tk.inspect(path)
     assert info.entries == {"model": 9, "ema": 9}
-    assert info.extras["epoch"] == "4" and info.extras["tag"] == "'best'"
-    assert "SGD" in info.extras["optimizer"] and '"momentum": 0.9' in info.extras["optimizer"]
+    assert info.extras["epoch"] == "4" and info.extras["tag"] == "best"  # plain, not quoted
+    (optimizer,) = info.training.optimizers
+    assert optimizer.type == "SGD" and optimizer.hyperparameters["momentum"] == "0.9"
 
 
 def test_verify_names_a_damaged_tensor(checkpoint) -> None:

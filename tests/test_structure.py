@@ -25,7 +25,6 @@ LAZY = {
     # The command line answers without torch where it can (safetensors headers, verify of a
     # safetensors file): the modules that need torch are imported only where they are used.
     ("torchkeep.tools.verify", "torchkeep.tools.verify_formats"),
-    ("torchkeep.cli.inspect_cmd", "torchkeep.cli._training"),
     ("torchkeep.cli.inspect_cmd", "torchkeep.formats._base"),
     ("torchkeep.cli.inspect_cmd", "torchkeep.formats.registry"),
     ("torchkeep.cli.inspect_cmd", "torchkeep.tools.stats"),
@@ -126,7 +125,16 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 # The layers, lowest first: a module imports only from its own layer or lower ones.
 LAYERS = [
-    {"errors", "_common", "_facts", "_device", "_tensors", "_tensor_parts", "__version__"},
+    {
+        "errors",
+        "_common",
+        "_facts",
+        "_progress",
+        "_device",
+        "_tensors",
+        "_tensor_parts",
+        "__version__",
+    },
     {"safety"},  # the security boundary: needs nothing but the leaves
     {"io"},  # the byte engine
     {"storage"},  # local and fsspec storage, the commit protocol, downloads

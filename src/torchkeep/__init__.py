@@ -48,6 +48,7 @@ _LAZY = {
     "convert": "torchkeep.tools.convert",
     "DiffReport": "torchkeep.tools.diff",
     "diff": "torchkeep.tools.diff",
+    "report": "torchkeep.tools.report",
     "Problem": "torchkeep.tools.verify",
     "VerifyResult": "torchkeep.tools.verify",
     "verify": "torchkeep.tools.verify",
@@ -82,6 +83,7 @@ if TYPE_CHECKING:
     from torchkeep.tools.convert import convert as convert
     from torchkeep.tools.diff import DiffReport as DiffReport
     from torchkeep.tools.diff import diff as diff
+    from torchkeep.tools.report import report as report
     from torchkeep.tools.verify import Problem as Problem
     from torchkeep.tools.verify import VerifyResult as VerifyResult
     from torchkeep.tools.verify import verify as verify
@@ -156,6 +158,7 @@ __all__ = [
     "load_model",
     "load_state_dict",
     "record_init",
+    "report",
     "save",
     "save_model",
     "verify",

@@ -22,6 +22,9 @@ PathLike = str | os.PathLike[str]
 
 # A native checkpoint folder is committed when this manifest exists (written last).
 MANIFEST = "checkpoint.json"
+# The entry of a torchkeep .pt checkpoint (and of a native folder's description) that holds
+# its own records: format, version, RNG states, metrics. Never model weights.
+BOOKKEEPING = "__torchkeep__"
 # A distributed (DCP) checkpoint folder is committed when this marker exists (written last).
 DCP_MARKER = "torchkeep-dcp.json"
 # Both: the files whose presence means "this folder is a complete checkpoint".
@@ -106,6 +109,7 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 __all__ = [
+    "BOOKKEEPING",
     "COMMIT_MARKERS",
     "DCP_MARKER",
     "MANIFEST",

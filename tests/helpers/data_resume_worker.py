@@ -48,6 +48,11 @@ def build(mode: str) -> tuple[nn.Module, torch.optim.Optimizer, tk.ResumableLoad
 def main() -> None:
     mode, run_dir, output = sys.argv[1:4]
     kill_at = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    torch.save(train(mode, run_dir, kill_at), output)
+
+
+def train(mode: str, run_dir: str, kill_at: int | None = None) -> dict[str, object]:
+    """Restore the latest checkpoint in ``run_dir`` if any, and train to the end."""
     model, optimizer, loader = build(mode)
     manager = tk.CheckpointManager(run_dir, keep_last=2)
     resumed = manager.restore(model=model, optimizer=optimizer, data=loader)
@@ -75,7 +80,7 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
         epoch += 1
     manager.close()
-    torch.save({"first_step": first_step, "losses": losses, "model": model.state_dict()}, output)
+    return {"first_step": first_step, "losses": losses, "model": model.state_dict()}
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import click
 
 from torchkeep import __version__
 from torchkeep.cli._app import TorchkeepGroup, debug_option
+from torchkeep.cli._output import QUIET_KEY
 
 # name -> (module, one-line summary for `torchkeep --help`). A command's module is imported
 # only when it runs (or its own --help is asked for), so `torchkeep --help` and the commands
@@ -37,6 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prune": (
         "torchkeep.cli.manager_cmds",
         "Apply retention to a CheckpointManager folder; remove torn saves.",
+    ),
+    "report": (
+        "torchkeep.cli.report_cmd",
+        "Write one self-contained HTML page: sizes, statistics, histograms, changes.",
     ),
     "env": ("torchkeep.cli.env_cmd", "Print torch, CUDA and package versions, and I/O limits."),
 }
@@ -66,6 +71,15 @@ Exit codes: 0 success; 1 differences (diff), problems (verify) or unknown global
 )
 @click.version_option(__version__, "-V", "--version", prog_name="torchkeep")
 @debug_option
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=lambda ctx, _param, value: ctx.meta.__setitem__(QUIET_KEY, value),
+    help="No progress bars (they are drawn only on a terminal anyway).",
+)
 def main() -> None:
     """Inspect, compare, convert, verify and scan PyTorch checkpoints; list and prune runs."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,10 @@ Examples:
 The newest committed checkpoint is never deleted. Without any --keep-* option only torn
 leftovers are removed. Exit codes: 0 done; 2 error.
 """
+
+
+# The step a (torn) folder was written for: step-00000020, .step-00000020.tmp-torchkeep-...
+STEP_NUMBER = re.compile(r"step-(\d+)")
 
 
 def _folder(directory: str) -> Path:
@@ -84,9 +89,10 @@ def _rows(steps: LocalSteps) -> list[dict[str, Any]]:
         for c in checkpoints(steps)
     ]
     for path in steps.torn():
+        number = STEP_NUMBER.search(Path(path).name)
         rows.append(
             {
-                "step": None,
+                "step": int(number.group(1)) if number else None,
                 "path": str(path),
                 "created": "",
                 "bytes": _size(path),
@@ -125,15 +131,15 @@ def ls_command(directory: str, as_json: bool) -> None:
     table: list[list[str | Text]] = []
     for row in rows:
         step = "-" if row["step"] is None else str(row["step"])
-        if row["step"] is not None and row["step"] == latest:
+        if row["committed"] and row["step"] == latest:
             step += " (latest)"
         table.append(
             [
                 step,
                 row["created"],
                 human_bytes(row["bytes"]),
-                row["status"],
-                _metrics_text(row["metrics"]) or Path(row["path"]).name,
+                row["status"] if row["committed"] else f"{row['status']}: {Path(row['path']).name}",
+                _metrics_text(row["metrics"]),
             ]
         )
     styles: list[str | None] = [None if r["committed"] else "yellow" for r in rows]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.text import Text
 
 from torchkeep.cli._app import EXIT_FOUND, EXIT_OK, debug_option, json_option, trust_options
 from torchkeep.cli._output import console, emit_json, progress_bar
@@ -46,21 +45,5 @@ def command(
     if as_json:
         emit_json({**vars(result), "ok": result.ok})
     else:
-        out = console()
-        head = Text(
-            "OK" if result.ok else "FAILED", style="green bold" if result.ok else "red bold"
-        )
-        head.append(f" {result.path} [{result.format}]: ", style="")
-        if result.ok:
-            head.append(f"{result.tensors} tensors, {result.checksums} checksums verified")
-        else:
-            count = len(result.problems)
-            head.append(f"{count} problem{'s' if count != 1 else ''}")
-        out.print(head)
-        for problem in result.problems:
-            line = Text("  problem ", style="red")
-            line.append(f"{problem.where}: {problem.message}", style="")
-            out.print(line)
-        for note in result.notes:
-            out.print(Text(f"  note    {note}", style="dim"))
+        console().print(result)
     ctx.exit(EXIT_OK if result.ok else EXIT_FOUND)

@@ -60,6 +60,8 @@ class Source:
         self._aliases: dict[str, dict[str, str]] = {}
         # Whole-model pickles: each entry's module tree, and the classes stood in for by stubs.
         self.module_trees: dict[str, list[ModuleEntry]] = {}
+        # Called with byte counts as tensors are read into destinations (torchkeep._progress).
+        self.progress: Callable[[int], None] | None = None
         self.stubbed: list[str] = []
 
     def entries(self) -> dict[str, dict[str, TensorInfo]]:
@@ -90,6 +92,8 @@ class Source:
         """Copy one tensor into ``dest`` (same shape; dtype and device may differ)."""
         with torch.no_grad():
             copy_into(dest, self.get(entry, name), name)
+        if self.progress is not None:
+            self.progress(dest.nbytes)
 
     def read_into_many(self, entry: str, pairs: Sequence[tuple[str, torch.Tensor]]) -> None:
         """Copy each ``(name, dest)`` pair's tensor into ``dest``; formats that can read in
@@ -126,6 +130,8 @@ class WriteRequest:
     max_shard_bytes: int | None = None
     order: tuple[str, ...] = ()
     durable: bool = False
+    # Called with byte counts as tensor bytes are written (torchkeep._progress).
+    progress: Callable[[int], None] | None = field(default=None, compare=False)
 
     def ordered_names(self) -> list[str]:
         """Every name, aliases included, in the caller's original order."""

@@ -6,11 +6,13 @@ manifest, every file's length and every tensor's header before any data is read.
 :class:`NativeSource`, on top of it, lets ``load``, ``load_state_dict`` and ``inspect`` read
 the model weights out of a training checkpoint: every module entry of the state (``model``,
 ``ema``, ...) is one entry; the other entries (optimizer, scheduler, plain values) are
-described in ``extras``.
+``extras``, as plain values without their tensor data, and the manifest's own fields (step,
+metrics, creation time) are ``extras["__torchkeep__"]``, where a ``.pt`` checkpoint keeps them.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 import xxhash
 
-from torchkeep._common import MANIFEST, OBJECTS
+from torchkeep._common import BOOKKEEPING, MANIFEST, OBJECTS
 from torchkeep._facts import TensorInfo, numel
 from torchkeep._tensors import xxh3
 from torchkeep.errors import (
@@ -37,6 +39,7 @@ from torchkeep.safety.contain import member
 from torchkeep.safety.unpickle import safe_pickle_load
 
 PathLike = str | os.PathLike[str]
+# Where a .pt checkpoint keeps torchkeep's own fields; a folder's manifest fields go there too.
 
 
 class NativeCheckpoint:
@@ -183,12 +186,16 @@ class NativeSource(Source):
                     name: _info(name, stored_info[stored]) for name, stored in names.items()
                 }
             if kind != "module" and key not in found:
-                self.extras[key] = _describe(entry)
+                self.extras[key] = _describe(entry, stored_info)
+        user = manifest.get("metadata")
+        user = user if isinstance(user, dict) else {}
         self.metadata = {
-            "step": str(manifest.get("step")),
-            "created": str(manifest.get("created")),
-            "torch_version": str(manifest.get("torch_version")),
-            "metrics": json.dumps(manifest.get("metrics") or {}),
+            str(k): v if isinstance(v, str) else json.dumps(v) for k, v in user.items()
+        }
+        # The manifest's own fields, as the .pt layout keeps them: under one reserved key.
+        self.extras[BOOKKEEPING] = {
+            key: _plain(manifest.get(key), stored_info)
+            for key in ("format", "version", "id", "created", "torch_version", "step", "metrics")
         }
 
     def get(self, entry: str, name: str) -> torch.Tensor:
@@ -246,31 +253,48 @@ class _Text(str):
         return str(self)
 
 
-def _untag(value: Any) -> Any:
-    """Tagged JSON tuples and lists as plain lists, for display."""
-    if isinstance(value, dict):
-        if value.get("__tk__") in ("tuple", "list") and isinstance(value.get("items"), list):
-            return [_untag(v) for v in value["items"]]
-        return {k: _untag(v) for k, v in value.items()}
+def _describe(entry: dict[str, Any], tensors: dict[str, Any] | None = None) -> Any:
+    """A non-module state entry for display: its value as plain Python values."""
+    return _plain(entry.get("value"), tensors or {})
+
+
+def _plain(value: Any, tensors: dict[str, Any]) -> Any:
+    """A tagged JSON value as plain Python values, for display (read by ``inspect``).
+
+    Tuples stay tuples, lists and sets become lists, tagged dicts dicts, namespaces
+    ``argparse.Namespace``, non-finite floats floats; a tensor becomes its description
+    (``tensor[3, 4] float32``) and other tagged values their tag, so no data is read.
+    """
     if isinstance(value, list):
-        return [_untag(v) for v in value]
-    return value
-
-
-def _describe(entry: dict[str, Any]) -> Any:
-    """A non-module entry for display: its plain value, or a description of it."""
-    kind, type_name, value = entry.get("kind"), entry.get("type"), entry.get("value")
-    if kind == "value" and not isinstance(value, (dict, list)):
+        return [_plain(v, tensors) for v in value]
+    if not isinstance(value, dict):
         return value
-    if kind == "value" and isinstance(value, list):
-        return _Text(f"list of {len(value)} items")
-    if kind == "optimizer" and isinstance(value, dict):
-        groups = value.get("param_groups")
-        if isinstance(groups, list) and groups and isinstance(groups[0], dict):
-            wanted = ("lr", "betas", "momentum", "weight_decay", "eps")
-            hyper = {k: _untag(v) for k, v in groups[0].items() if k in wanted}
-            return _Text(f"{type_name} {json.dumps(hyper)}")
-    return _Text(f"{type_name} ({kind})")
+    tag, items = value.get("__tk__"), value.get("items")
+    if tag is None:
+        return {k: _plain(v, tensors) for k, v in value.items()}
+    if tag == "tuple" and isinstance(items, list):
+        return tuple(_plain(v, tensors) for v in items)
+    if tag in ("list", "set", "frozenset") and isinstance(items, list):
+        return [_plain(v, tensors) for v in items]
+    if tag == "dict" and isinstance(items, list):
+        pairs = [p for p in items if isinstance(p, list) and len(p) == 2]
+        return {_hashable(_plain(k, tensors)): _plain(v, tensors) for k, v in pairs}
+    if tag == "namespace" and isinstance(value.get("fields"), dict):
+        return argparse.Namespace(**_plain(value["fields"], tensors))
+    if tag == "float" and isinstance(value.get("value"), str):
+        return float(value["value"])
+    if tag in ("dtype", "device", "path"):
+        return _Text(str(value.get("value")))
+    if tag == "tensor":
+        stored = tensors.get(str(value.get("name")))
+        if not isinstance(stored, dict):
+            return _Text("tensor")
+        return _Text(f"tensor{list(stored.get('shape', []))} {stored.get('dtype')}")
+    return _Text(f"<{tag}>")
+
+
+def _hashable(key: Any) -> Any:
+    return key if isinstance(key, (str, int, float, bool)) or key is None else _Text(str(key))
 
 
 class NativeFormat:

@@ -39,6 +39,7 @@ from torchkeep.formats.safetensors_header import (
     sniff,
     tensor_infos,
 )
+from torchkeep.io.positional import BINARY, readv
 from torchkeep.io.read import ReadExtent, read_extents
 from torchkeep.io.write import FilePlan, Slot, write_files
 
@@ -64,7 +65,7 @@ class SafetensorsSource(Source):
     def __init__(self, path: Path, options: OpenOptions) -> None:
         super().__init__(str(path), "safetensors")
         self._device = options.device
-        self._fd = os.open(path, os.O_RDONLY)
+        self._fd = os.open(path, os.O_RDONLY | BINARY)
         try:
             size = os.fstat(self._fd).st_size
             header = read_header(str(path), self._fd, size)
@@ -87,7 +88,7 @@ class SafetensorsSource(Source):
 
     def _read(self, stored: str, entry: Entry, out: torch.Tensor) -> None:
         view = byte_view(out)
-        done = os.preadv(self._fd, [view], self._data_start + entry.begin) if view.nbytes else 0
+        done = readv(self._fd, [view], self._data_start + entry.begin) if view.nbytes else 0
         if done != view.nbytes:
             raise _corrupt(self.path, f"tensor {stored!r}: read {done} of {view.nbytes} bytes")
 
@@ -112,6 +113,8 @@ class SafetensorsSource(Source):
         if self._direct(stored, spec, dest):
             # Straight into the parameter's memory: no temporary copy.
             self._read(stored, spec, dest.data)
+            if self.progress is not None:
+                self.progress(dest.nbytes)
         else:
             super().read_into(entry, name, dest)
 
@@ -138,7 +141,7 @@ class SafetensorsSource(Source):
 
     def read_into_many(self, entry: str, pairs: Sequence[tuple[str, torch.Tensor]]) -> None:
         extents, rest = self.plan_reads(pairs)
-        read_extents(extents)
+        read_extents(extents, progress=self.progress)
         for name, dest in rest:
             super().read_into(entry, name, dest)
 
@@ -235,7 +238,7 @@ class SafetensorsFormat:
         return SafetensorsSource(path, options)
 
     def write(self, request: WriteRequest, path: Path) -> None:
-        write_files([file_plan(request, path)], durable=request.durable)
+        write_files([file_plan(request, path)], durable=request.durable, progress=request.progress)
 
 
 def file_plan(

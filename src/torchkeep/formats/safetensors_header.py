@@ -15,6 +15,7 @@ from typing import Any
 
 from torchkeep._facts import ITEM_SIZES, SAFETENSORS_DTYPES, TensorInfo
 from torchkeep.errors import CorruptFileError
+from torchkeep.io.positional import BINARY, read_at
 from torchkeep.safety import bounded_json as _json
 
 ALIASES_KEY = "torchkeep.aliases"
@@ -130,11 +131,11 @@ def parse_header(raw: bytes, *, path: str, file_size: int) -> Header:
 
 def read_header(path: str, fd: int, size: int) -> Header:
     """Read the header of the open file ``fd`` (``size`` bytes long) and validate it."""
-    head = os.pread(fd, 8, 0) if size >= 8 else b""
+    head = read_at(fd, 8, 0) if size >= 8 else b""
     if len(head) == 8:
         (length,) = struct.unpack("<Q", head)
         if length <= min(size - 8, MAX_HEADER):
-            head += os.pread(fd, length, 8)
+            head += read_at(fd, length, 8)
     return parse_header(head, path=path, file_size=size)
 
 
@@ -268,7 +269,7 @@ def tensor_infos(header: Header) -> dict[str, TensorInfo]:
 def read_file_header(path: str | os.PathLike[str]) -> Header:
     """The validated header of the safetensors file at ``path``."""
     where = os.fspath(path)
-    fd = os.open(where, os.O_RDONLY)
+    fd = os.open(where, os.O_RDONLY | BINARY)
     try:
         return read_header(where, fd, os.fstat(fd).st_size)
     finally:

@@ -174,6 +174,8 @@ class ShardedSource(Source):
     def read_into(self, entry: str, name: str, dest: torch.Tensor) -> None:
         shard = self._shard(self._weight_map[name])
         shard.read_into(self._entry_of(shard), name, dest)
+        if self.progress is not None:
+            self.progress(dest.nbytes)
 
     def read_into_many(self, entry: str, pairs: Sequence[tuple[str, torch.Tensor]]) -> None:
         by_shard: dict[str, list[tuple[str, torch.Tensor]]] = {}
@@ -190,7 +192,7 @@ class ShardedSource(Source):
             else:
                 rest += wanted
         # One parallel read across every shard, so the threads stay busy to the end.
-        read_extents(extents)
+        read_extents(extents, progress=self.progress)
         for name, dest in rest:
             self.read_into(entry, name, dest)
 
@@ -243,6 +245,7 @@ class ShardedFormat:
                 aliases=aliases,
                 metadata=request.metadata,
                 durable=request.durable,
+                progress=request.progress,
             )
             shards.append((shard, path / file))
             weight_map.update({n: file for n in [*names, *aliases]})

@@ -10,18 +10,21 @@ core. Neighbouring tensors in a stretch are read by one ``preadv`` into their se
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torchkeep.errors import CorruptFileError
 from torchkeep.io._sys import IOV_MAX, io_threads
+from torchkeep.io.positional import readv
 
 READ_CHUNK = 64 << 20
 """Largest single read call."""
 SEQUENTIAL_BELOW = 8 << 20
 """Below this many bytes in all, one thread reads everything."""
+
+# Called with a byte count as bytes are done (see torchkeep._progress).
+Counter = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -50,17 +53,21 @@ def _truncated(extent: ReadExtent, got: int) -> CorruptFileError:
     )
 
 
-def _read_run(run: list[ReadExtent]) -> None:
+def _read_run(run: list[ReadExtent], counted: Counter | None = None) -> None:
     """Read extents that sit back to back in one file, with as few calls as possible."""
+    if counted is not None:
+        _read_run(run)
+        counted(sum(e.dest.nbytes for e in run))
+        return
     views = [e.dest for e in run]
-    done = os.preadv(run[0].fd, views, run[0].offset) if len(views) > 1 else 0
+    done = readv(run[0].fd, views, run[0].offset) if len(views) > 1 else 0
     for extent in run:
         if done >= extent.dest.nbytes:
             done -= extent.dest.nbytes
             continue
         got, done = done, 0
         while got < extent.dest.nbytes:
-            step = os.preadv(extent.fd, [extent.dest[got:]], extent.offset + got)
+            step = readv(extent.fd, [extent.dest[got:]], extent.offset + got)
             if step <= 0:
                 raise _truncated(extent, got)
             got += step
@@ -153,13 +160,16 @@ def _shared_destinations(extents: Sequence[ReadExtent]) -> set[int]:
     return shared
 
 
-def read_extents(extents: Sequence[ReadExtent], *, threads: int | None = None) -> None:
+def read_extents(
+    extents: Sequence[ReadExtent], *, threads: int | None = None, progress: Counter | None = None
+) -> None:
     """Fill every extent's destination from its file.
 
     Args:
         extents: what to read. Extents whose destinations overlap are read one after the
             other, in the given order, after the others.
         threads: how many threads read (default: :func:`~torchkeep.io._sys.io_threads`).
+        progress: called (from the reading threads) with each read run's byte count.
 
     Raises:
         CorruptFileError: a file ended before a tensor's last byte.
@@ -168,15 +178,17 @@ def read_extents(extents: Sequence[ReadExtent], *, threads: int | None = None) -
     extents = [e for e in extents if e.dest.nbytes]
     later = _shared_destinations(extents)
     if later:
-        _read_parallel([e for i, e in enumerate(extents) if i not in later], threads)
+        _read_parallel([e for i, e in enumerate(extents) if i not in later], threads, progress)
         for i in sorted(later):
             for run in _runs(_pieces(extents[i])):
-                _read_run(run)
+                _read_run(run, progress)
         return
-    _read_parallel(extents, threads)
+    _read_parallel(extents, threads, progress)
 
 
-def _read_parallel(extents: Sequence[ReadExtent], threads: int | None) -> None:
+def _read_parallel(
+    extents: Sequence[ReadExtent], threads: int | None, counted: Counter | None = None
+) -> None:
     if not extents:
         return
     ordered = sorted(extents, key=lambda e: (e.fd, e.offset))
@@ -184,7 +196,7 @@ def _read_parallel(extents: Sequence[ReadExtent], threads: int | None) -> None:
     count = io_threads(threads)
     if count == 1 or total < SEQUENTIAL_BELOW:
         for run in _runs([p for e in ordered for p in _pieces(e)]):
-            _read_run(run)
+            _read_run(run, counted)
         return
     errors: list[BaseException] = []
     failed = threading.Event()
@@ -194,7 +206,7 @@ def _read_parallel(extents: Sequence[ReadExtent], threads: int | None) -> None:
             for run in _runs([p for e in stretch for p in _pieces(e)]):
                 if failed.is_set():
                     return
-                _read_run(run)
+                _read_run(run, counted)
         except BaseException as exc:
             errors.append(exc)
             failed.set()

@@ -28,6 +28,7 @@ from pathlib import Path
 import xxhash
 
 from torchkeep.io._sys import IOV_MAX, io_threads, start_writeback
+from torchkeep.io.positional import BINARY, CLOEXEC, writev
 
 CHUNK = 4 << 20
 """Bytes per write call: enough to amortise the call, few enough to stay cached after hashing."""
@@ -39,6 +40,9 @@ KICK = 32 << 20
 """For durable writes, writeback of a file is started every this many bytes."""
 HASH_PIECE = 1 << 20
 """Bytes hashed per call: the longest a hashing thread keeps others from the GIL."""
+
+# Called with a byte count as bytes are done (see torchkeep._progress).
+Counter = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ def pwrite_all(fd: int, views: Sequence[memoryview], offset: int) -> None:
     views = [v for v in views if v.nbytes]
     if not views:
         return
-    done = os.pwritev(fd, views, offset) if len(views) > 1 else os.pwrite(fd, views[0], offset)
+    done = writev(fd, views, offset)
     for view in views:
         if done >= view.nbytes:
             done -= view.nbytes
@@ -114,16 +118,16 @@ def pwrite_all(fd: int, views: Sequence[memoryview], offset: int) -> None:
             continue
         rest, offset, done = view[done:], offset + done, 0
         while rest:
-            written = os.pwrite(fd, rest, offset)
+            written = writev(fd, [rest], offset)
             if written <= 0:
-                raise OSError(errno.EIO, "os.pwrite wrote nothing")
+                raise OSError(errno.EIO, "a positional write wrote nothing")
             rest, offset = rest[written:], offset + written
 
 
 def _open(plan: FilePlan) -> int:
     if plan.reuse:
-        return os.open(plan.path, os.O_WRONLY | os.O_CLOEXEC)
-    return os.open(plan.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        return os.open(plan.path, os.O_WRONLY | CLOEXEC | BINARY)
+    return os.open(plan.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC | BINARY, 0o644)
 
 
 def _with_path(exc: BaseException, path: Path) -> BaseException:
@@ -135,7 +139,9 @@ def _with_path(exc: BaseException, path: Path) -> BaseException:
 # ------------------------------------------------------------------------------ sequential
 
 
-def _write_sequential(plan: FilePlan, touched: list[Path]) -> dict[str, str]:
+def _write_sequential(
+    plan: FilePlan, touched: list[Path], counted: Counter | None = None
+) -> dict[str, str]:
     checksums = {
         slot.name: plan.known.get(slot.name) or xxhash.xxh3_64_hexdigest(slot.data)
         for slot in plan.slots
@@ -147,6 +153,8 @@ def _write_sequential(plan: FilePlan, touched: list[Path]) -> dict[str, str]:
         write_all(fd, memoryview(header))
         for slot in plan.slots:
             write_all(fd, slot.data)
+            if counted is not None:
+                counted(slot.data.nbytes)
         if plan.reuse:
             os.ftruncate(fd, plan.size)
     except BaseException as exc:
@@ -220,7 +228,9 @@ class _Writer:
         fds: list[int],
         hashers: list[dict[str, xxhash.xxh3_64 | None]],
         durable: bool,
+        counted: Counter | None = None,
     ) -> None:
+        self._counted = counted
         self._plans = plans
         self._fds = fds
         self._steps = [_file_steps(p, h) for p, h in zip(plans, hashers, strict=True)]
@@ -257,6 +267,8 @@ class _Writer:
                 if hasher is not None:
                     _hash(hasher, view)
             pwrite_all(fd, step.views, step.offset)
+            if self._counted is not None:
+                self._counted(step.end - step.offset)
             if self._durable and start_writeback is not None and step.end - kicked >= KICK:
                 # The file is written front to back: start writing out what is behind us.
                 start_writeback(fd, kicked, step.end - kicked)
@@ -264,7 +276,11 @@ class _Writer:
 
 
 def _write_parallel(
-    plans: Sequence[FilePlan], threads: int, durable: bool, touched: list[Path]
+    plans: Sequence[FilePlan],
+    threads: int,
+    durable: bool,
+    touched: list[Path],
+    counted: Counter | None = None,
 ) -> list[dict[str, str]]:
     fds: list[int] = []
     try:
@@ -278,7 +294,7 @@ def _write_parallel(
             {s.name: None if s.name in plan.known else xxhash.xxh3_64() for s in plan.slots}
             for plan in plans
         ]
-        writer = _Writer(plans, fds, hashers, durable)
+        writer = _Writer(plans, fds, hashers, durable, counted)
         helpers = [
             threading.Thread(target=writer.run, name=f"torchkeep-write-{i}", daemon=True)
             for i in range(min(threads, len(plans)) - 1)
@@ -310,7 +326,11 @@ def _write_parallel(
 
 
 def write_files(
-    plans: Sequence[FilePlan], *, threads: int | None = None, durable: bool = False
+    plans: Sequence[FilePlan],
+    *,
+    threads: int | None = None,
+    durable: bool = False,
+    progress: Counter | None = None,
 ) -> list[dict[str, str]]:
     """Write every planned file; return each one's ``{tensor name: xxh3 hex}``.
 
@@ -319,6 +339,7 @@ def write_files(
         threads: how many threads write (default: :func:`~torchkeep.io._sys.io_threads`).
         durable: the caller will fsync the files: start their writeback while later bytes
             are still being written, so the fsync has little left to wait for.
+        progress: called (from the writing threads) with each written chunk's byte count.
 
     Raises:
         OSError: a write failed (``filename`` names the file). Every file this call created
@@ -329,8 +350,8 @@ def write_files(
     touched: list[Path] = []
     try:
         if count == 1 or total < SEQUENTIAL_BELOW:
-            return [_write_sequential(plan, touched) for plan in plans]
-        return _write_parallel(plans, count, durable, touched)
+            return [_write_sequential(plan, touched, progress) for plan in plans]
+        return _write_parallel(plans, count, durable, touched, progress)
     except BaseException:
         # Only files this call opened: an existing file that refused O_EXCL is not ours.
         for path in touched:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.text import Text
 from torch.export import Dim
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -35,6 +36,7 @@ from torchkeep.models.model import warn_if_training
 from torchkeep.models.onnx_runtime import INSTALL, OnnxModule
 from torchkeep.storage.local import atomic_file
 from torchkeep.storage.locate import needs_staging, writable
+from torchkeep.weights.render import Block, Line, Rendered
 
 FORMATS = ("export", "torchscript", "onnx")
 _SUFFIXES = {".pt2": "export", ".onnx": "onnx", ".ts": "torchscript", ".torchscript": "torchscript"}
@@ -50,9 +52,12 @@ _ONNX_INLINE_LIMIT = 1 << 30
 DynamicDims = Mapping[str | int, Mapping[int, str]]
 
 
-@dataclass(frozen=True)
-class ExportResult:
+@dataclass(frozen=True, repr=False)
+class ExportResult(Rendered):
     """What :func:`export` wrote and how closely the artifact matches the eager model.
+
+    ``print(result)`` is one line (:meth:`summary`), shown the same by ``rich.print`` and in
+    notebooks.
 
     Attributes:
         path: the artifact.
@@ -82,7 +87,8 @@ class ExportResult:
     batch_sizes: tuple[int, ...] = ()
     dynamic_batch: bool = False
 
-    def __str__(self) -> str:
+    def summary(self) -> str:
+        """One line: the artifact, how it was made and whether it matches the eager model."""
         verdict = "matches" if self.ok else "DOES NOT MATCH"
         sizes = " and ".join(map(str, self.batch_sizes))
         if self.batch_sizes:
@@ -94,6 +100,16 @@ class ExportResult:
             f"(max abs diff {self.max_abs_diff:.3g}, atol {self.atol:g}, rtol {self.rtol:g})"
         )
         return text + (f"; {self.note}" if self.note else "")
+
+    def blocks(self) -> list[Block]:
+        """The description ``str()``, ``rich.print()`` and notebooks show: :meth:`summary`."""
+        return [Line(Text(self.summary(), style="" if self.ok else "red"))]
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        return f"<ExportResult {self.summary()}>"
 
 
 def _flatten(output: Any) -> list[torch.Tensor]:

@@ -20,10 +20,14 @@ from typing import Any
 
 from torchkeep._common import TEMP_MARKER
 from torchkeep.errors import CheckpointWriteError, TorchkeepError
+from torchkeep.io.positional import BINARY
 
 
 def fsync_dir(path: Path) -> None:
-    """Flush a folder's entries (new names, renames) to disk."""
+    """Flush a folder's entries (new names, renames) to disk (a no-op on Windows, which
+    cannot open a folder, and commits a rename with its metadata)."""
+    if os.name == "nt":
+        return
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -32,7 +36,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, (os.O_RDWR if os.name == "nt" else os.O_RDONLY) | BINARY)
     try:
         os.fsync(fd)
     finally:

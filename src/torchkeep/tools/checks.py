@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
+from rich.text import Text
 
 from torchkeep._facts import SAFETENSORS_DTYPES
 from torchkeep.errors import CorruptFileError
@@ -18,6 +19,8 @@ from torchkeep.formats.safetensors_header import (
     read_header,
     uncommon_dtypes,
 )
+from torchkeep.io.positional import BINARY, read_at
+from torchkeep.weights.render import Block, Line, Rendered, plural
 
 # Called with (bytes done, bytes in all) as the check streams through the files.
 ProgressFn = Callable[[int, int], None]
@@ -33,9 +36,12 @@ class Problem:
     message: str
 
 
-@dataclass
-class VerifyResult:
-    """Everything ``verify`` found.
+@dataclass(repr=False)
+class VerifyResult(Rendered):
+    """Everything ``verify`` found, and what it checked.
+
+    ``print(result)`` shows what ``torchkeep verify`` shows; in a notebook it displays as a
+    table; ``repr(result)`` is one line.
 
     Attributes:
         path: what was checked.
@@ -43,7 +49,12 @@ class VerifyResult:
         problems: every problem found; empty means the file is sound.
         notes: what could not be checked, and why.
         tensors: tensors whose presence was confirmed.
-        checksums: tensors whose stored checksum was recomputed and matched or not.
+        checksums: tensors whose stored xxh3 checksum was recomputed (matching or not).
+        crcs: zip records whose CRC-32 was checked (torch zip files).
+        unpickled: tensors read back through the unpickler (the allowlist, unless
+            ``trusted``), every storage whole.
+        files: files checked (a sharded folder's shards, a checkpoint folder's files).
+        trusted: pickles were read without the allowlist (``trust=True``).
     """
 
     path: str
@@ -52,11 +63,53 @@ class VerifyResult:
     notes: list[str] = field(default_factory=list)
     tensors: int = 0
     checksums: int = 0
+    crcs: int = 0
+    unpickled: int = 0
+    files: int = 0
+    trusted: bool = False
 
     @property
     def ok(self) -> bool:
         """True when no problem was found."""
         return not self.problems
+
+    def checked(self) -> str:
+        """What was checked, in words (``12 records (CRC-32) checked, 4 tensors read ...``)."""
+        parts = [plural(self.files, "file")] if self.files > 1 else []
+        if self.crcs:
+            parts.append(f"{plural(self.crcs, 'record')} (CRC-32) checked")
+        if self.unpickled:
+            how = "without the allowlist" if self.trusted else "through the allowlist"
+            parts.append(f"{plural(self.unpickled, 'tensor')} read {how}")
+            if self.tensors > self.unpickled:
+                parts.append(plural(self.tensors - self.unpickled, "other tensor"))
+        else:
+            parts.append(plural(self.tensors, "tensor"))
+        if self.checksums or not (self.crcs or self.unpickled):
+            parts.append(f"{self.checksums:,} checksums verified")
+        return ", ".join(parts)
+
+    def summary(self) -> str:
+        """One line: the verdict, the path and format, and what was checked or went wrong."""
+        if self.ok:
+            return f"OK {self.path} [{self.format}]: {self.checked()}"
+        return f"FAILED {self.path} [{self.format}]: {plural(len(self.problems), 'problem')}"
+
+    def blocks(self) -> list[Block]:
+        """The description ``str()``, ``rich.print()``, notebooks and the CLI show."""
+        verdict, rest = self.summary().split(" ", 1)
+        head = Text(verdict, style="green bold" if self.ok else "red bold")
+        head.append(f" {rest}")
+        blocks: list[Block] = [Line(head)]
+        for problem in self.problems:
+            line = Text("  problem ", style="red")
+            line.append(f"{problem.where}: {problem.message}")
+            blocks.append(Line(line))
+        blocks += [Line(Text(f"  note    {note}", style="dim")) for note in self.notes]
+        return blocks
+
+    def __repr__(self) -> str:
+        return f"<VerifyResult {self.summary()}>"
 
 
 class HeaderChecker:
@@ -77,7 +130,7 @@ class HeaderChecker:
 
     def safetensors(self, path: Path) -> set[str] | None:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | BINARY)
         except OSError as exc:
             self.problem(path, f"cannot open it: {exc.strerror}")
             return None
@@ -121,6 +174,7 @@ class HeaderChecker:
                 "length checked, tensor bytes not"
             )
         self.result.tensors += len(entries)
+        self.result.files += 1
         return set(entries) | set(aliases)
 
 
@@ -138,7 +192,7 @@ def _digest(fd: int, begin: int, end: int) -> str:
     hasher = xxhash.xxh3_64()
     position = begin
     while position < end:
-        block = os.pread(fd, min(BLOCK, end - position), position)
+        block = read_at(fd, min(BLOCK, end - position), position)
         if not block:
             break
         hasher.update(block)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from torchkeep._common import group_by_size, parse_size
+from torchkeep._progress import ProgressOption, reporter
 from torchkeep._tensors import (
     FLOAT4,
     NAME_FROM_DTYPE,
@@ -194,7 +195,7 @@ def convert(
     metadata: Mapping[str, str] | None = None,
     trust: bool = False,
     allow_globals: Iterable[str] = (),
-    progress: Progress | None = None,
+    progress: ProgressOption = None,
     durable: bool = True,
     sha256: str | None = None,
     check_hash: bool = False,
@@ -217,7 +218,8 @@ def convert(
         metadata: strings added to the source's own metadata.
         trust: unpickle without the allowlist. Only for files whose author you trust.
         allow_globals: extra ``"module.name"`` globals the allowlist accepts.
-        progress: called after each tensor with (bytes written so far, bytes to write).
+        progress: ``True`` for a progress bar on stderr, or a function called after each
+            tensor with (bytes written so far, bytes to write); off by default.
         durable: fsync the result before and after its rename.
         sha256: the source's expected SHA-256 (hex, or a prefix of it).
         check_hash: take the expected hash prefix from the source's name (torch.hub style).
@@ -277,7 +279,10 @@ def convert(
     _check_destination(dst, folder=fmt.is_folder)
     target = parse_dtype(dtype) if dtype is not None else None
     options = OpenOptions(trust=trust, allow_globals=tuple(allow_globals), mmap=True)
-    with open_source(src, options) as reader:
+    with (
+        open_source(src, options) as reader,
+        reporter(progress, f"converting {src.name}") as report,
+    ):
         choice = choose_entry(reader, entry)
         chosen = choice.entry
         if choice.rank == 0 and not choice.explicit:
@@ -299,7 +304,7 @@ def convert(
         plan, aliases = _plan(reader, chosen, target, strip_prefix, rename)
         meta = {k: v for k, v in reader.metadata.items() if k not in _DERIVED_METADATA}
         meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-        writer = _Writer(reader, chosen, plan, aliases, meta, progress)
+        writer = _Writer(reader, chosen, plan, aliases, meta, report)
         if fmt is SAFETENSORS:
             with atomic_file(dst, durable=durable) as temp:
                 writer.safetensors(temp, list(plan))

@@ -16,14 +16,17 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
+from rich.text import Text
 
 from torchkeep._facts import TensorInfo
+from torchkeep._progress import ProgressOption, reporter
 from torchkeep._tensors import dtype_name, to_cpu_contiguous, xxh3
 from torchkeep.formats._base import OpenOptions, Source
 from torchkeep.formats.registry import open_source
 from torchkeep.storage.locate import needs_staging, readable
 from torchkeep.weights.entries import default_entry
 from torchkeep.weights.keys import plan_keys
+from torchkeep.weights.render import Block, Columns, Line, Rendered, number, shape_text
 
 Status = Literal["identical", "equal", "different", "shape"]
 Progress = Callable[[int, int], None]
@@ -90,9 +93,12 @@ class Rename:
     reason: Literal["prefix", "values"]
 
 
-@dataclass(frozen=True)
-class DiffReport:
+@dataclass(frozen=True, repr=False)
+class DiffReport(Rendered):
     """The outcome of comparing checkpoint A with checkpoint B.
+
+    ``print(report)`` shows what ``torchkeep diff`` shows; in a notebook it displays as a
+    table; ``repr(report)`` is one line.
 
     Attributes:
         path_a: A's path (or ``"a"`` for in-memory states).
@@ -157,6 +163,100 @@ class DiffReport:
                 parts.append(f"{value} {label}")
         return ", ".join(parts)
 
+    def blocks(self) -> list[Block]:
+        """The description ``str()``, ``rich.print()`` and notebooks show."""
+        return self.view()
+
+    def view(
+        self, *, show_all: bool = False, ignore_renames: bool = False, ignore_dtypes: bool = False
+    ) -> list[Block]:
+        """The description, as ``torchkeep diff`` prints it.
+
+        Args:
+            show_all: list identical tensors too.
+            ignore_renames: the verdict counts renamed tensors as the same.
+            ignore_dtypes: the verdict counts dtype changes as the same.
+        """
+        rows = _rows(self, show_all)
+        same = self.same(ignore_renames=ignore_renames, ignore_dtypes=ignore_dtypes)
+        exact = not self.renamed and all(
+            t.status == "identical" and not t.dtype_changed for t in self.tensors
+        )
+        word = ("identical" if exact else "same") if same else "different"
+        verdict = Text(word, style="green bold" if same else "red bold")
+        verdict.append(f": {len(self.tensors)} tensors compared; {self.summary()}")
+        if self.atol or self.rtol:
+            verdict.append(f" (atol {self.atol:g}, rtol {self.rtol:g})")
+        return [
+            Line(f"A: {_where(self.path_a, self.entry_a)}"),
+            Line(f"B: {_where(self.path_b, self.entry_b)}"),
+            Columns(
+                [[Text(kind, style="bold"), name, detail] for kind, name, detail, _ in rows],
+                styles=[style for *_, style in rows],
+            ),
+            Line(verdict),
+        ]
+
+    def __repr__(self) -> str:
+        where = f"{_where(self.path_a, self.entry_a)} -> {_where(self.path_b, self.entry_b)}"
+        return f"<DiffReport {where}: {self.summary()}>"
+
+
+def _where(path: str, entry: str) -> str:
+    return f"{path} (entry {entry!r})" if entry else path
+
+
+def _prefix_change(rename: Rename) -> str | None:
+    """``module.fc.w -> fc.w``: "prefix 'module.' removed"; None for other renames."""
+    if rename.reason != "prefix":
+        return None
+    if rename.name_a.endswith(rename.name_b):
+        return f"prefix {rename.name_a[: -len(rename.name_b)]!r} removed"
+    if rename.name_b.endswith(rename.name_a):
+        return f"prefix {rename.name_b[: -len(rename.name_a)]!r} added"
+    return None
+
+
+def _rows(report: DiffReport, show_all: bool) -> list[tuple[str, str, str, str | None]]:
+    rows: list[tuple[str, str, str, str | None]] = []
+    for name in report.removed:
+        rows.append(("removed", name, "only in A", "red"))
+    for name in report.added:
+        rows.append(("added", name, "only in B", "green"))
+    grouped: dict[str, int] = {}
+    for rename in report.renamed:
+        change = _prefix_change(rename)
+        if change is not None:
+            grouped[change] = grouped.get(change, 0) + 1
+        else:
+            how = "same values" if rename.reason == "values" else "same after prefixes"
+            rows.append(("renamed", f"{rename.name_a} -> {rename.name_b}", how, "yellow"))
+    for change, count in grouped.items():
+        rows.append(("renamed", f"{count} tensors", change, "yellow"))
+    for t in report.tensors:
+        rows.extend(_tensor_rows(t, show_all))
+    return rows
+
+
+def _tensor_rows(t: TensorDiff, show_all: bool) -> list[tuple[str, str, str, str | None]]:
+    rows: list[tuple[str, str, str, str | None]] = []
+    if t.status == "shape":
+        rows.append(
+            ("shape", t.name_b, f"{shape_text(t.shape_a)} -> {shape_text(t.shape_b)}", "red")
+        )
+    if t.dtype_changed:
+        rows.append(("dtype", t.name_b, f"{t.dtype_a} -> {t.dtype_b}", "magenta"))
+    if t.status in ("different", "equal"):
+        detail = f"max|a-b| {number(t.max_abs)}  rel L2 {number(t.rel_l2)}  cos {number(t.cosine)}"
+        if t.status == "different":
+            count = f"{t.mismatched:,} element{'s' if t.mismatched != 1 else ''} differ"
+            rows.append(("values", t.name_b, f"{detail}  {count}", "red"))
+        elif show_all:
+            rows.append(("close", t.name_b, f"{detail}  all within tolerance", None))
+    elif t.status == "identical" and show_all:
+        rows.append(("identical", t.name_b, "", "dim"))
+    return rows
+
 
 class _Side:
     """One side of a comparison: tensor facts by name and a way to read each tensor."""
@@ -197,7 +297,7 @@ def diff(
     rtol: float = 0.0,
     trust: bool = False,
     allow_globals: Iterable[str] = (),
-    progress: Progress | None = None,
+    progress: ProgressOption = None,
 ) -> DiffReport:
     """Compare the weights in two files of any supported formats.
 
@@ -210,7 +310,8 @@ def diff(
         rtol: relative tolerance (to ``|b|``) for values to count as equal.
         trust: unpickle without the allowlist. Only for files whose author you trust.
         allow_globals: extra ``"module.name"`` globals the allowlist accepts.
-        progress: called after each tensor pair with (bytes compared so far, bytes to compare).
+        progress: ``True`` for a progress bar on stderr, or a function called after each
+            tensor pair with (bytes compared so far, bytes to compare); off by default.
 
     Returns:
         A :class:`DiffReport`.
@@ -237,12 +338,13 @@ def diff(
     with (
         open_source(Path(os.fspath(path_a)), options) as src_a,
         open_source(Path(os.fspath(path_b)), options) as src_b,
+        reporter(progress, "comparing") as report,
     ):
         entry_a = default_entry(src_a, entry)
         entry_b = default_entry(src_b, entry)
         side_a = _side_of_source(src_a, entry_a)
         side_b = _side_of_source(src_b, entry_b)
-        outcome = _compare(side_a, side_b, atol=atol, rtol=rtol, progress=progress)
+        outcome = _compare(side_a, side_b, atol=atol, rtol=rtol, progress=report)
         return DiffReport(src_a.path, src_b.path, entry_a, entry_b, *outcome, atol, rtol)
 
 

@@ -24,12 +24,12 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from torchkeep._progress import ProgressOption, reporter
 from torchkeep.formats.safetensors_header import is_safetensors_file
 from torchkeep.storage.locate import needs_staging, readable
 from torchkeep.tools.checks import (
     HeaderChecker,
     Problem,
-    ProgressFn,
     VerifyResult,
     file_size,
 )
@@ -40,7 +40,7 @@ def verify(
     *,
     trust: bool = False,
     allow_globals: Iterable[str] = (),
-    progress: ProgressFn | None = None,
+    progress: ProgressOption = None,
 ) -> VerifyResult:
     """Check a file or folder completely and return every problem found, without raising.
 
@@ -52,7 +52,8 @@ def verify(
         path: a file or folder in any format torchkeep reads.
         trust: read pickles without the allowlist (only for files you trust).
         allow_globals: extra ``"module.name"`` globals the allowlist accepts.
-        progress: called with (bytes checked, bytes in all) as the check proceeds.
+        progress: ``True`` for a progress bar on stderr, or a function called with (bytes
+            checked, bytes in all) as the check proceeds; off by default.
 
     Returns:
         A :class:`VerifyResult`; ``result.ok`` is true when nothing is wrong.
@@ -72,16 +73,17 @@ def verify(
         return staged
     where = Path(os.fspath(path))
     result = VerifyResult(str(where))
-    report = progress or (lambda done, total: None)
-    if is_safetensors_file(where):
-        # What the format registry would detect, checked without importing torch.
-        result.format = "safetensors"
-        HeaderChecker(result, report, file_size(where)).safetensors(where)
-        return result
-    # Any other format is opened the way the loaders open it, which needs torch.
-    from torchkeep.tools.verify_formats import check
+    with reporter(progress, f"verifying {where.name}") as asked:
+        report = asked or (lambda done, total: None)
+        if is_safetensors_file(where):
+            # What the format registry would detect, checked without importing torch.
+            result.format = "safetensors"
+            HeaderChecker(result, report, file_size(where)).safetensors(where)
+            return result
+        # Any other format is opened the way the loaders open it, which needs torch.
+        from torchkeep.tools.verify_formats import check
 
-    return check(where, result, trust, tuple(allow_globals), report)
+        return check(where, result, trust, tuple(allow_globals), report)
 
 
 __all__ = ["Problem", "VerifyResult", "verify"]

@@ -112,6 +112,7 @@ class _Checker(HeaderChecker):
                 except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
                     self.problem(f"{path}:{info.filename}", f"record is damaged: {exc}")
                     sound = False
+                self.result.crcs += 1
                 self.advance(info.compress_size)
         return sound
 
@@ -123,7 +124,10 @@ class _Checker(HeaderChecker):
                     for name in infos:
                         source.get(entry, name)
                 names = next(iter(source.entries().values()), {})
-                self.result.tensors += sum(len(e) for e in source.entries().values())
+                count = sum(len(e) for e in source.entries().values())
+                self.result.tensors += count
+                self.result.unpickled += count
+                self.result.files += 1
                 return set(names)
         except (UnsafeFileError, CorruptFileError, UnknownFormatError) as exc:
             self.problem(path, str(exc))
@@ -186,6 +190,7 @@ def check(
         result.problems.append(Problem(str(where), str(exc)))
         return result
     result.format = fmt.name
+    result.trusted = trust
     options = OpenOptions(trust=trust, allow_globals=allow_globals, mmap=True)
     checker = _Checker(result, options, progress, file_size(resolved))
     try:

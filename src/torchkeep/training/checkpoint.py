@@ -25,7 +25,14 @@ from typing import Any, Literal
 import torch
 import xxhash
 
-from torchkeep._common import MANIFEST, OBJECTS, TEMP_MARKER, TORCH_SUFFIXES, parse_size
+from torchkeep._common import (
+    BOOKKEEPING,
+    MANIFEST,
+    OBJECTS,
+    TEMP_MARKER,
+    TORCH_SUFFIXES,
+    parse_size,
+)
 from torchkeep._device import check_device
 from torchkeep._tensors import dtype_name, to_cpu_contiguous
 from torchkeep.errors import (
@@ -43,6 +50,7 @@ from torchkeep.formats.tree import (
     UnsupportedValueError,
     to_torch_plain,
 )
+from torchkeep.io.positional import BINARY
 from torchkeep.io.recycle import RecycleBin
 from torchkeep.io.write import write_all
 from torchkeep.safety import bounded_json as _json
@@ -57,7 +65,7 @@ from torchkeep.training.shards import frozen_names, write_shards
 
 PathLike = str | os.PathLike[str]
 
-PT_META = "__torchkeep__"
+PT_META = BOOKKEEPING
 DEFAULT_SHARD_SIZE = "256MB"
 
 
@@ -177,7 +185,7 @@ def take_snapshot(
 
 
 def _write_file(path: Path, chunks: list[memoryview]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | BINARY, 0o644)
     try:
         for chunk in chunks:
             write_all(fd, chunk)

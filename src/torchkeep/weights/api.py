@@ -16,6 +16,8 @@ from torch.nn.parameter import is_lazy
 
 from torchkeep._common import PathLike, parse_size, unwrap
 from torchkeep._device import check_device, check_devices
+from torchkeep._facts import numel
+from torchkeep._progress import ProgressOption, counter, meter
 from torchkeep._tensors import (
     check_saveable,
     find_aliases,
@@ -32,7 +34,8 @@ from torchkeep.errors import (
     TorchkeepWarning,
 )
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
-from torchkeep.formats.registry import for_writing, open_source
+from torchkeep.formats._guard import reading
+from torchkeep.formats.registry import TORCH_ZIP, detect, for_writing, open_format, open_source
 from torchkeep.storage.local import atomic_dir, atomic_file
 from torchkeep.storage.locate import needs_staging, readable, writable
 from torchkeep.weights.assign import (
@@ -42,7 +45,7 @@ from torchkeep.weights.assign import (
     retie,
     warn_meta_left,
 )
-from torchkeep.weights.entries import Choice, choose_entry, default_entry
+from torchkeep.weights.entries import BOOKKEEPING, Choice, choose_entry, default_entry, segments
 from torchkeep.weights.info import CheckpointInfo, header_info
 from torchkeep.weights.keys import (
     KeyPlan,
@@ -56,6 +59,7 @@ from torchkeep.weights.keys import (
 from torchkeep.weights.loading import Loader, Outcome, warn_conflicts
 from torchkeep.weights.module_info import ModuleInfo, inspect_module
 from torchkeep.weights.report import LoadReport, refusal
+from torchkeep.weights.summary import bookkeeping, summarize, text
 
 Device = str | torch.device | Mapping[str, str] | None
 
@@ -130,6 +134,7 @@ def save(
     metadata: Mapping[str, str] | None = None,
     max_shard_size: int | str | None = None,
     durable: bool = True,
+    progress: ProgressOption = None,
 ) -> Path | str:
     """Save a model's weights or a state dict, atomically.
 
@@ -153,6 +158,8 @@ def save(
         metadata: strings stored with the tensors (safetensors ``__metadata__``).
         max_shard_size: largest shard, in bytes or as ``"2GB"``; implies a sharded folder.
         durable: fsync before and after the rename (turn off only for scratch files).
+        progress: ``True`` for a progress bar on stderr (notebooks show it too), or a
+            function called with (bytes written, bytes in all); off by default.
 
     Returns:
         The path (or URL) written.
@@ -169,7 +176,15 @@ def save(
     _path_text(path, "save")
     if needs_staging(path):
         with writable(path) as local:
-            save(obj, local, format=format, metadata=metadata, max_shard_size=max_shard_size)
+            save(
+                obj,
+                local,
+                format=format,
+                metadata=metadata,
+                max_shard_size=max_shard_size,
+                durable=durable,
+                progress=progress,
+            )
         return os.fspath(path)
     target = Path(path)
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
@@ -182,13 +197,17 @@ def save(
         name: _compact(to_cpu_contiguous(t)) for name, t in state.items() if name not in aliases
     }
     text = {str(k): str(v) for k, v in (metadata or {}).items()}
-    request = WriteRequest(tensors, aliases, text, shard_bytes, tuple(state), durable=durable)
-    if fmt.is_folder:
-        with atomic_dir(target, durable=durable) as temp_dir:
-            fmt.write(request, temp_dir)
-    else:
-        with atomic_file(target, durable=durable) as temp_file:
-            fmt.write(request, temp_file)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with meter(progress, f"saving {target.name}", total) as counted:
+        request = WriteRequest(
+            tensors, aliases, text, shard_bytes, tuple(state), durable, counter(counted)
+        )
+        if fmt.is_folder:
+            with atomic_dir(target, durable=durable) as temp_dir:
+                fmt.write(request, temp_dir)
+        else:
+            with atomic_file(target, durable=durable) as temp_file:
+                fmt.write(request, temp_file)
     return target
 
 
@@ -474,6 +493,7 @@ def load(
     assign: bool = False,
     sha256: str | None = None,
     check_hash: bool = False,
+    progress: ProgressOption = None,
 ) -> LoadReport:
     """Load the weights in any supported file into ``model``, in place, as torch would.
 
@@ -516,6 +536,8 @@ def load(
             are created on ``device`` (default CPU) in the model's dtype (or ``dtype``).
         sha256: the file's expected SHA-256 (hex, or a prefix of it).
         check_hash: take the expected hash prefix from the file name (torch.hub style).
+        progress: ``True`` for a progress bar on stderr (notebooks show it too), or a
+            function called with (bytes read, bytes to read); off by default.
 
     ``path`` may be an ``http(s)://`` URL (downloaded once into ``$TORCHKEEP_CACHE``) or an
     fsspec URL (``s3://...``).
@@ -557,6 +579,7 @@ def load(
                 verify=verify,
                 dtype=dtype,
                 assign=assign,
+                progress=progress,
             )
         return dataclasses.replace(report, path=os.fspath(path))
     read_device: Device = None
@@ -594,7 +617,10 @@ def load(
         if verify:
             source.verify(chosen)
         tensors = loader.tensors
-        with torch.no_grad():
+        infos = source.entries()[chosen]
+        total = sum(infos[src].nbytes for src in plan.pairs.values() if src in infos)
+        with torch.no_grad(), meter(progress, f"loading {Path(source.path).name}", total) as m:
+            source.progress = counter(m)
             if assign:
                 outcome = loader.write(
                     assign=True,
@@ -709,26 +735,65 @@ def inspect(
     described = header_info(where, entry)
     if described is not None:
         return described  # the header says it all: what the CLI shows too
-    options = OpenOptions(device="meta", trust=trust, allow_globals=tuple(allow_globals))
-    with open_source(where, options) as source:
-        entries = source.entries()
-        choice = choose_entry(source, entry) if entries else Choice("", 0)
-        chosen = choice.entry
-        tensors = tuple(entries.get(chosen, {}).values())
-        return CheckpointInfo(
-            path=source.path,
-            format=source.format,
-            size=_disk_size(where),
-            entry=chosen,
-            entries={name: len(infos) for name, infos in entries.items()},
-            tensors=tensors,
-            metadata=dict(source.metadata),
-            extras={k: _short(v) for k, v in source.extras.items()},
-            modules=tuple(source.module_trees.get(chosen, ())),
-            stubbed=tuple(source.stubbed),
-            alternatives=choice.others,
-            values={k: _describe_value(v) for k, v in source.values(chosen).items()},
-        )
+    with reading(where):
+        resolved, fmt = detect(where)
+    # A torch zip is mapped, not read, so that scalars beside the weights (a loss saved as a
+    # tensor) can be shown; other formats are opened on meta: shapes only.
+    mapped = fmt is TORCH_ZIP
+    options = OpenOptions(
+        device="cpu" if mapped else "meta",
+        mmap=mapped,
+        trust=trust,
+        allow_globals=tuple(allow_globals),
+    )
+    with open_format(resolved, fmt, options) as source:
+        return _describe_source(source, entry, _disk_size(where))
+
+
+def _describe_source(source: Source, entry: str | None, size: int) -> CheckpointInfo:
+    """What :func:`inspect` returns for an opened file: torchkeep's own records apart, scalar
+    tensors beside the weights as values, the training state summarized."""
+    found = source.entries()
+    hidden = {k: len(v) for k, v in found.items() if BOOKKEEPING in segments(k)}
+    choice = choose_entry(source, entry) if found else Choice("", 0)
+    chosen = choice.entry
+    raw = {k: v for k, v in source.extras.items() if k != chosen}
+    entries = {k: len(v) for k, v in found.items() if k not in hidden}
+    root = found.get("", {})
+    if chosen and root and all(numel(info.shape) <= 1 for info in root.values()):
+        raw.update({name: source.get("", name) for name in root})
+        del entries[""]
+    record = raw.get(BOOKKEEPING)
+    stored_metadata = record.get("metadata") if isinstance(record, Mapping) else None
+    metadata = {str(k): text(v) for k, v in (stored_metadata or {}).items()}
+    records = bookkeeping(raw)
+    records.pop(f"{BOOKKEEPING}.metadata", None)
+    records.update({k: f"{n} tensor{'s' if n != 1 else ''}" for k, n in hidden.items()})
+    return CheckpointInfo(
+        path=source.path,
+        format=source.format,
+        size=size,
+        entry=chosen,
+        entries=entries,
+        tensors=tuple(found.get(chosen, {}).values()),
+        metadata={**metadata, **source.metadata},
+        extras={k: _extra(v) for k, v in raw.items() if k != BOOKKEEPING},
+        modules=tuple(source.module_trees.get(chosen, ())),
+        stubbed=tuple(source.stubbed),
+        alternatives=choice.others,
+        values={k: _describe_value(v) for k, v in source.values(chosen).items()},
+        training=summarize(raw) or None,
+        bookkeeping=records,
+    )
+
+
+def _extra(value: Any) -> str:
+    """An extra as short text: strings as they are, scalar tensors by their value."""
+    if isinstance(value, str):
+        return value if len(value) <= 100 else value[:97] + "..."
+    if isinstance(value, torch.Tensor):
+        return text(value)
+    return _short(value)
 
 
 __all__ = [

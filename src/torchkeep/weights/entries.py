@@ -27,13 +27,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from torchkeep._common import BOOKKEEPING
 from torchkeep._facts import TensorInfo
 from torchkeep.errors import CorruptFileError, EntryNotFoundError
 
 if TYPE_CHECKING:
     from torchkeep.formats._base import Source
 
-BOOKKEEPING = "__torchkeep__"
 
 # Where checkpoint dicts commonly keep model weights, most likely first.
 CONVENTIONAL = (

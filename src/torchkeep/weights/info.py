@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torchkeep._facts import ModuleEntry, TensorInfo
 from torchkeep.formats.safetensors_header import (
@@ -11,11 +12,19 @@ from torchkeep.formats.safetensors_header import (
     read_file_header,
     tensor_infos,
 )
+from torchkeep.weights.info_render import checkpoint_blocks, checkpoint_summary
+from torchkeep.weights.render import Block, Rendered
+
+if TYPE_CHECKING:
+    from torchkeep.weights.summary import TrainingSummary
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
+@dataclass(frozen=True, repr=False)
+class CheckpointInfo(Rendered):
     """A file's contents, read without its tensor data where the format allows.
+
+    ``print(info)`` shows what ``torchkeep inspect`` shows; in a notebook it displays as a
+    table; ``repr(info)`` is one line.
 
     Attributes:
         path: the file or folder.
@@ -25,7 +34,8 @@ class CheckpointInfo:
         entries: every tensor dict in the file and how many tensors it holds.
         tensors: the tensors of ``entry``.
         metadata: string metadata stored with the tensors (safetensors ``__metadata__``).
-        extras: the file's other top-level values, as short text (``epoch``, ``loss``, ...).
+        extras: the file's other top-level values, as short text (``epoch``, ``loss``, ...);
+            scalar tensors beside the weights (a ``loss`` saved as a tensor) are values too.
         modules: for whole-model pickles, the module tree of ``entry`` with class names and
             parameter counts, read without importing the classes.
         stubbed: classes the file names that were not imported (inert stand-ins were used).
@@ -47,6 +57,19 @@ class CheckpointInfo:
     stubbed: tuple[str, ...] = ()
     alternatives: tuple[str, ...] = ()
     values: dict[str, str] = field(default_factory=dict)
+    training: TrainingSummary | None = None
+    bookkeeping: dict[str, str] = field(default_factory=dict)
+
+    def blocks(self) -> list[Block]:
+        """The description ``str()``, ``rich.print()`` and notebooks show."""
+        return checkpoint_blocks(self)
+
+    def summary(self) -> str:
+        """One line: path, format, entry, tensor and parameter counts."""
+        return checkpoint_summary(self)
+
+    def __repr__(self) -> str:
+        return f"<CheckpointInfo {self.summary()}>"
 
     @property
     def num_params(self) -> int:

@@ -12,9 +12,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from rich.text import Text
 
 from torchkeep._facts import numel
 from torchkeep._tensors import dtype_name
+from torchkeep.weights.render import (
+    Block,
+    Columns,
+    Heading,
+    Line,
+    Node,
+    Pairs,
+    Rendered,
+    human_bytes,
+    human_count,
+    number,
+    shape_text,
+)
 
 
 @dataclass(frozen=True)
@@ -70,9 +84,13 @@ class ModuleNode:
     children: tuple[ModuleNode, ...] = ()
 
 
-@dataclass(frozen=True)
-class ModuleInfo:
+@dataclass(frozen=True, repr=False)
+class ModuleInfo(Rendered):
     """A live module, described.
+
+    ``print(info)`` shows the summary line, then the module tree with trainable and frozen
+    counts, devices, dtypes and gradient norms; in a notebook it displays as a table and a
+    tree; ``repr(info)`` is one line.
 
     Attributes:
         type: the class name of the module described (inside any DataParallel, DDP or
@@ -140,8 +158,58 @@ class ModuleInfo:
             f"{'training' if self.training else 'eval'} mode"
         )
 
-    def __str__(self) -> str:
-        return self.summary()
+    def blocks(self) -> list[Block]:
+        """The description ``str()``, ``rich.print()`` and notebooks show."""
+        norm = self.grad_norm
+        rows: list[tuple[str, str | Text]] = [
+            ("parameters", f"{human_count(self.num_params)} ({self.num_params:,})"),
+            ("trainable", f"{self.trainable_params:,}"),
+            ("frozen", f"{self.frozen_params:,}"),
+            ("buffers", f"{len(self.buffers):,}"),
+            ("data", f"{human_bytes(self.nbytes)} ({self.nbytes:,} bytes)"),
+            ("devices", _counts(self.devices)),
+            ("dtypes", _counts(self.dtypes)),
+            ("grad norm", "-" if norm is None else f"{number(norm)} (global L2)"),
+        ]
+        table: list[list[str | Text]] = [
+            [
+                p.name,
+                shape_text(p.shape),
+                p.dtype,
+                p.device,
+                "buffer" if p.is_buffer else "trainable" if p.trainable else "frozen",
+                number(p.grad_norm),
+            ]
+            for p in (*self.parameters, *self.buffers)
+        ]
+        return [
+            Line(Text(self.summary(), style="bold")),
+            Pairs(rows),
+            Heading("Modules"),
+            _tree(self.tree),
+            Heading("Parameters and buffers"),
+            Columns(table, header=["name", "shape", "dtype", "device", "kind", "grad norm"]),
+        ]
+
+    def __repr__(self) -> str:
+        return f"<ModuleInfo {self.summary()}>"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return " · ".join(f"{k} ({v})" for k, v in sorted(counts.items())) or "-"
+
+
+def _tree(node: ModuleNode) -> Node:
+    label = Text(node.name.rsplit(".", 1)[-1], style="bold")
+    label.append(f" ({node.type})" if node.name else node.type, style="green")
+    frozen = node.num_params - node.trainable_params
+    counts = f"  {human_count(node.num_params)} params"
+    if frozen:
+        counts += f" ({human_count(node.trainable_params)} trainable, {human_count(frozen)} frozen)"
+    label.append(counts, style="dim")
+    if node.extra:
+        label.append(f"  {node.extra}", style="cyan")
+    return Node(label, [_tree(child) for child in node.children])
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from rich.text import Text
+
 from torchkeep.errors import KeyMismatchError
+from torchkeep.weights.render import Block, Line, Rendered
 
 _MAX_ROWS = 20
 
@@ -27,9 +30,15 @@ class ShapeMismatch:
     dest_shape: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class LoadReport:
+_STYLES = {"missing": "red", "unexpected": "yellow", "shape": "red", "cast": "magenta"}
+
+
+@dataclass(frozen=True, repr=False)
+class LoadReport(Rendered):
     """The outcome of :func:`torchkeep.load`.
+
+    ``print(report)`` shows the summary line and a table of every non-trivial outcome (what
+    :meth:`table` returns); in a notebook it displays the same; ``repr(report)`` is one line.
 
     Attributes:
         path: the file or folder read.
@@ -102,6 +111,14 @@ class LoadReport:
 
     def table(self, *, problems_only: bool = False) -> str:
         """A readable multi-line table of every non-trivial outcome."""
+        lines = self._lines(problems_only=problems_only)
+        return "\n".join(line.plain for line in lines)
+
+    def blocks(self) -> list[Block]:
+        """The description ``str()``, ``rich.print()`` and notebooks show: :meth:`table`."""
+        return [Line(line) for line in self._lines(problems_only=False)]
+
+    def _lines(self, *, problems_only: bool) -> list[Text]:
         rows: list[tuple[str, str, str]] = []
         for name in self.missing:
             rows.append(("missing", name, "in the model, not in the file"))
@@ -120,23 +137,26 @@ class LoadReport:
                 rows.append(("tied", name, f"shares its tensor with {source}"))
             for module in self.modules:
                 rows.append(("module", module or "(model)", "loaded by its own load_state_dict"))
-        lines = [self.summary(), *(f"  note: {note}" for note in self.notes)]
+        head = Text(self.summary(), style="bold" if self.ok else "bold red")
+        lines = [head, *(Text(f"  note: {note}", style="dim") for note in self.notes)]
         if not rows:
-            return "\n".join(lines)
+            return lines
         width = max(len(r[1]) for r in rows[: _MAX_ROWS * 5])
         width = min(width, 60)
         by_kind: dict[str, list[tuple[str, str, str]]] = {}
         for row in rows:
             by_kind.setdefault(row[0], []).append(row)
         for kind_rows in by_kind.values():
+            style = _STYLES.get(kind_rows[0][0], "")
             for kind, name, detail in kind_rows[:_MAX_ROWS]:
-                lines.append(f"  {kind:<10} {name:<{width}}  {detail}")
+                lines.append(Text(f"  {kind:<10} {name:<{width}}  {detail}", style=style))
             if len(kind_rows) > _MAX_ROWS:
-                lines.append(f"  {kind_rows[0][0]:<10} ... and {len(kind_rows) - _MAX_ROWS} more")
-        return "\n".join(lines)
+                more = f"  {kind_rows[0][0]:<10} ... and {len(kind_rows) - _MAX_ROWS} more"
+                lines.append(Text(more, style=style))
+        return lines
 
-    def __str__(self) -> str:
-        return self.table()
+    def __repr__(self) -> str:
+        return f"<LoadReport {self.summary()}>"
 
 
 def refusal(report: LoadReport, lead: str, hint: str) -> KeyMismatchError:

@@ -1,5 +1,9 @@
 """What a training checkpoint holds besides weights: optimizer, scheduler, epoch, loss, args.
 
+:func:`torchkeep.inspect` summarizes a file's other top-level values with it, so torchkeep's
+own ``.pt`` checkpoints, native checkpoint folders and any tutorial-style checkpoint dict are
+described the same way: step, epoch, metrics, optimizer and scheduler hyper-parameters, args.
+
 Optimizer and scheduler state dicts do not record their class, so the class is recognised
 from the hyperparameter names torch's optimizers and schedulers put in them (``betas`` and
 ``amsgrad``: Adam; ``nesterov``: SGD; ``T_max``: CosineAnnealingLR, ...). Nothing here reads
@@ -17,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from torchkeep.weights.entries import BOOKKEEPING
 
 # Optimizer param_group keys torch adds for its implementation, not training hyperparameters.
 _IMPLEMENTATION_KEYS = frozenset(
@@ -69,6 +75,7 @@ class TrainingSummary:
 
     Attributes:
         values: plain values by key path (``epoch``, ``loss``, ``global_step``, ...).
+        metrics: the metrics torchkeep recorded with the checkpoint (``val_loss``, ...).
         settings: argument and hyperparameter collections (``args``, ``hyper_parameters``),
             each as ``{name: text}``.
         optimizers: optimizer state dicts found.
@@ -76,12 +83,15 @@ class TrainingSummary:
     """
 
     values: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, str] = field(default_factory=dict)
     settings: dict[str, dict[str, str]] = field(default_factory=dict)
     optimizers: tuple[OptimizerSummary, ...] = ()
     schedulers: tuple[SchedulerSummary, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.values or self.settings or self.optimizers or self.schedulers)
+        return bool(
+            self.values or self.metrics or self.settings or self.optimizers or self.schedulers
+        )
 
 
 def text(value: Any) -> str:
@@ -100,7 +110,7 @@ def text(value: Any) -> str:
         inner = ", ".join(text(v) for v in value)
         rendered = f"[{inner}]" if isinstance(value, list) else f"({inner})"
     else:
-        rendered = repr(value) if isinstance(value, str) else str(value)
+        rendered = str(value)
     return rendered if len(rendered) <= _MAX_TEXT else rendered[: _MAX_TEXT - 3] + "..."
 
 
@@ -220,8 +230,29 @@ def _first(
     return shown
 
 
+def bookkeeping(extras: Mapping[str, Any]) -> dict[str, str]:
+    """torchkeep's own record in a checkpoint (``__torchkeep__``: format, version, creation
+    time, torch version, RNG states, ...), one short text per key (``__torchkeep__.created``)."""
+    record = extras.get(BOOKKEEPING)
+    if not isinstance(record, Mapping):
+        return {} if record is None else {BOOKKEEPING: text(record)}
+    shown = _first(record, lambda k, v: (f"{BOOKKEEPING}.{k}", _flat(v)))
+    return {key: value for key, value in shown.items() if value != "None"}
+
+
+def _flat(value: Any) -> str:
+    """A mapping of plain values as ``k=v`` pairs (RNG states and the like by size only)."""
+    found = _settings(value)
+    if found is None or any(len(v) > _MAX_TEXT // 2 for v in found.values()):
+        return text(value)
+    return "  ".join(f"{k}={v}" for k, v in found.items())
+
+
 def summarize(extras: Mapping[str, Any]) -> TrainingSummary:
     """Recognise the optimizer, scheduler, counters and settings among a file's top-level values.
+
+    torchkeep's own record (``__torchkeep__``) contributes its metrics and step; the rest of it
+    is :func:`bookkeeping`, not part of the summary.
 
     Args:
         extras: a source's non-tensor top-level values (``Source.extras``), raw.
@@ -258,6 +289,17 @@ def summarize(extras: Mapping[str, Any]) -> TrainingSummary:
         else:
             values[where] = text(value)
 
+    record = extras.get(BOOKKEEPING)
+    record = record if isinstance(record, Mapping) else {}
+    if record.get("step") is not None:
+        values["step"] = text(record["step"])
     for key, value in extras.items():
-        visit(str(key), value, 0)
-    return TrainingSummary(values, settings, tuple(optimizers), tuple(schedulers))
+        if key != BOOKKEEPING:
+            visit(str(key), value, 0)
+    raw_metrics = record.get("metrics")
+    metrics = (
+        _first(raw_metrics, lambda k, v: (str(k), text(v)))
+        if isinstance(raw_metrics, Mapping)
+        else {}
+    )
+    return TrainingSummary(values, metrics, settings, tuple(optimizers), tuple(schedulers))

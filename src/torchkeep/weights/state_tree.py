@@ -1,7 +1,7 @@
 """The module tree of a flat state dict: names split at dots, with totals per module.
 
 Repeated blocks (``layers.0`` ... ``layers.31`` with identical tensors) are drawn once, as
-``layers.[0-31] x32``, so a large model's tree stays a screenful.
+``layers.[0-31] x32``, so a large model's tree stays a screenful. Needs no torch.
 """
 
 from __future__ import annotations
@@ -11,20 +11,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.text import Text
-from rich.tree import Tree
 
 from torchkeep._facts import TensorInfo, numel
-from torchkeep.cli._output import human_bytes, human_count, shape_text
+from torchkeep.weights.render import Node, human_bytes, human_count, shape_text
 
 
 @dataclass
-class Node:
+class Prefix:
     """A module prefix: the tensors directly under it and its child prefixes."""
 
     name: str
     path: str
     tensors: list[TensorInfo] = field(default_factory=list)
-    children: dict[str, Node] = field(default_factory=dict)
+    children: dict[str, Prefix] = field(default_factory=dict)
     num_params: int = 0
     nbytes: int = 0
     type: str = ""  # the class recorded in a whole-model pickle, when known
@@ -35,6 +34,7 @@ class Node:
         return tuple((t.name[start:], t.shape, t.dtype) for t in self.all_tensors())
 
     def all_tensors(self) -> Iterable[TensorInfo]:
+        """The tensors under this prefix, depth first."""
         yield from self.tensors
         for child in self.children.values():
             yield from child.all_tensors()
@@ -42,10 +42,10 @@ class Node:
 
 def build_tree(
     tensors: Iterable[TensorInfo], root_name: str = "", classes: dict[str, str] | None = None
-) -> Node:
+) -> Prefix:
     """Group tensors by their dotted module prefix, naming each module's class when known."""
     known = classes or {}
-    root = Node(root_name, "", type=known.get("", ""))
+    root = Prefix(root_name, "", type=known.get("", ""))
     for info in tensors:
         parts = info.name.split(".")
         node = root
@@ -54,7 +54,7 @@ def build_tree(
         for depth, part in enumerate(parts[:-1]):
             if part not in node.children:
                 path = ".".join(parts[: depth + 1])
-                node.children[part] = Node(part, path, type=known.get(path, ""))
+                node.children[part] = Prefix(part, path, type=known.get(path, ""))
             node = node.children[part]
             node.num_params += numel(info.shape)
             node.nbytes += info.nbytes
@@ -62,9 +62,9 @@ def build_tree(
     return root
 
 
-def _runs(children: list[Node]) -> list[list[Node]]:
+def _runs(children: list[Prefix]) -> list[list[Prefix]]:
     """Consecutive integer-named siblings with identical contents, grouped."""
-    runs: list[list[Node]] = []
+    runs: list[list[Prefix]] = []
     for child in children:
         last = runs[-1] if runs else None
         if (
@@ -80,7 +80,7 @@ def _runs(children: list[Node]) -> list[list[Node]]:
     return runs
 
 
-def _label(name: str, node: Node, main_dtype: str, *, each: int = 1, width: int = 0) -> Text:
+def _label(name: str, node: Prefix, main_dtype: str, *, each: int = 1, width: int = 0) -> Text:
     counts = f"{human_count(node.num_params)} params · {human_bytes(node.nbytes)}"
     text = Text(name, style="bold")
     if node.type:
@@ -99,30 +99,29 @@ def _label(name: str, node: Node, main_dtype: str, *, each: int = 1, width: int 
     return text
 
 
-def render_tree(root: Node, main_dtype: str, depth: int | None = None) -> Tree:
-    """A rich tree of ``root``; below ``depth`` levels only counts are shown."""
-    label = _label(root.name or "(root)", root, main_dtype)
-    tree = Tree(label)
+def tree_node(root: Prefix, main_dtype: str, depth: int | None = None) -> Node:
+    """The tree of ``root`` as a render node; below ``depth`` levels only counts are shown."""
 
-    def add(parent: Tree, parent_label: Text, node: Node, level: int) -> None:
+    def build(label: Text, node: Prefix, level: int) -> Node:
         if depth is not None and level >= depth:
             if node.children:
-                parent_label.append(f"  (+{len(node.children)} submodules)", style="dim")
-            return
+                label.append(f"  (+{len(node.children)} submodules)", style="dim")
+            return Node(label)
         runs = [
             (run[0], run[0].name if len(run) == 1 else f"[{run[0].name}-{run[-1].name}]", len(run))
             for run in _runs(list(node.children.values()))
         ]
         width = max((len(name) + (len(f" x{n}") if n > 1 else 0) for _, name, n in runs), default=0)
-        for first, name, count in runs:
-            child_label = _label(name, first, main_dtype, each=count, width=width)
-            add(parent.add(child_label), child_label, first, level + 1)
+        children = [
+            build(_label(name, first, main_dtype, each=count, width=width), first, level + 1)
+            for first, name, count in runs
+        ]
+        return Node(label, children)
 
-    add(tree, label, root, 0)
-    return tree
+    return build(_label(root.name or "(root)", root, main_dtype), root, 0)
 
 
-def tree_json(node: Node) -> dict[str, Any]:
+def tree_json(node: Prefix) -> dict[str, Any]:
     """The tree as nested dicts (every module, nothing collapsed)."""
     return {
         "name": node.path,
