@@ -10,7 +10,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 PIN := $(VENV)/torch-pin.txt
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: help setup demo test test-quick lint typecheck bench bench-cli fuzz realworld clean browser
+.PHONY: help setup demo test test-quick lint typecheck bench bench-cli gpu-check fuzz realworld clean browser
 
 help:
 	@echo "make demo   set up .venv (torch, torchkeep, ONNX export) and run the demonstration"
@@ -79,6 +79,18 @@ bench: $(STAMP)
 # How fast the command line answers, against importing torch (part of `bench`).
 bench-cli: $(STAMP)
 	$(PY) benchmarks/cli_startup.py
+
+# Not part of `test`: needs a CUDA device (exits 2 without one). The CUDA tests, checks of the
+# CUDA paths, and the GPU figures (~1 GB state loaded onto the GPU, async save stall); writes
+# bench-output/gpu-check.json. `$(PY) benchmarks/gpu_check.py --cpu-dry-run` runs it on the CPU.
+# On a GPU machine: the python that has its CUDA build of torch (GPU_PYTHON), torchkeep from
+# src/, and only what the check needs (safetensors, pytest), installed if missing. The test
+# extra is not installed: it is large, and a GPU machine may have no network.
+GPU_PYTHON ?= $(shell test -x $(PY) && echo $(PY) || echo $(PYTHON))
+gpu-check:
+	@$(GPU_PYTHON) -c "import safetensors, pytest, xxhash, click, rich" 2>/dev/null || \
+		$(GPU_PYTHON) -m pip install --progress-bar on safetensors pytest xxhash click rich
+	PYTHONPATH=src $(GPU_PYTHON) benchmarks/gpu_check.py
 
 # Not part of `test`: a million inputs per parser by default (FUZZ_EXECUTIONS to change).
 FUZZ_EXECUTIONS ?= 1000000
