@@ -383,6 +383,58 @@ class Bench:
             assert same, "the loaded model differs from the saved state"
             self.report(self.rows[-1])
 
+    def loadpaths(self) -> None:
+        """Every load path against ``tk.load`` into a model, on the same state, warm cache."""
+        files = self._write_inputs()
+        target = make_model(self.megabytes, seed=1)  # every page already touched
+        folder = self.path("loadpaths-checkpoint")
+        sharded = self.path("loadpaths-sharded")
+        root = self.path("loadpaths-runs")
+        for made in (folder, sharded, root):
+            shutil.rmtree(made, ignore_errors=True)
+        tk.save_checkpoint(folder, model=self.model, rng=False)
+        tk.save(self.state, sharded, max_shard_size=self.bytes // 4 + 1)
+        manager = tk.CheckpointManager(root, keep_last=1)
+        manager.save(1, model=self.model, rng=False)
+
+        def state_dict() -> None:
+            loaded = tk.load_state_dict(files["tk"])
+            del loaded
+
+        peers = {
+            "tk.load": Peer("tk.load", lambda: tk.load(target, files["tk"])),
+            "load_state_dict": Peer("load_state_dict", state_dict),
+            "load_checkpoint": Peer(
+                "load_checkpoint", lambda: tk.load_checkpoint(folder, model=target, rng=False)
+            ),
+            "restore": Peer("restore", lambda: manager.restore(model=target, rng=False)),
+            "sharded": Peer("sharded", lambda: tk.load(target, sharded)),
+            "verify": Peer("verify", lambda: tk.load(target, files["tk"], verify=True)),
+        }
+        compare(list(peers.values()), self.runs)
+        same = all(
+            torch.equal(a, b)
+            for a, b in zip(target.state_dict().values(), self.state.values(), strict=True)
+        )
+        rows = (
+            ("load_state_dict", "load_state_dict (new tensors)", 0.9),
+            ("load_checkpoint", "load_checkpoint(folder, model=)", 0.9),
+            ("restore", "CheckpointManager.restore(model=)", 0.9),
+            ("sharded", "load into model, sharded folder (4 files)", 0.9),
+            ("verify", "load into model, verify=True", 1 / 1.10),
+        )
+        for key, operation, bound in rows:
+            row = timed_row(
+                operation, {"torchkeep": peers[key], "tk.load": peers["tk.load"]}, "tk.load"
+            )
+            row.note = "limit: tk.load into the model from one file, same bytes, same rounds"
+            goal = "time <= 1.10x tk.load" if key == "verify" else "of limit >= 0.90"
+            self.rows.append(judge(row, goal, [at_least(row.of_limit, bound)]))
+            self.report(row)
+        assert same, "the loaded model differs from the saved state"
+        for made in (folder, sharded, root):
+            shutil.rmtree(made, ignore_errors=True)
+
     def inspect(self) -> None:
         """Opening a large file lazily: names, shapes, dtypes, without tensor data."""
         files = self._write_inputs()
@@ -748,6 +800,7 @@ def header() -> str:
 SECTIONS = (
     "save",
     "load",
+    "loadpaths",
     "inspect",
     "checkpoints",
     "async",

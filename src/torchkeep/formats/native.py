@@ -25,7 +25,6 @@ import xxhash
 
 from torchkeep._common import BOOKKEEPING, MANIFEST, OBJECTS
 from torchkeep._facts import TensorInfo, numel
-from torchkeep._tensors import xxh3
 from torchkeep.errors import (
     ChecksumError,
     CorruptFileError,
@@ -35,6 +34,8 @@ from torchkeep.errors import (
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 from torchkeep.formats.manifest import read_manifest
 from torchkeep.formats.safetensors import SafetensorsSource
+from torchkeep.formats.tree import TAG
+from torchkeep.io.read import Landed, ReadExtent, check_spans, read_extents
 from torchkeep.safety.contain import member
 from torchkeep.safety.unpickle import safe_pickle_load
 
@@ -93,26 +94,68 @@ class NativeCheckpoint:
 
     def tensor(self, name: str) -> torch.Tensor:
         """Read one tensor (to CPU), checking its checksum when opened with ``verify``."""
-        info = self.manifest["tensors"].get(name)
-        if info is None:
-            raise self._corrupt(f"its structure refers to tensor {name!r}, which is not stored")
-        tensor = self._sources[info["file"]].get("", name)
-        if self._verify:
-            actual = xxh3(tensor)
-            if actual != info.get("xxh3"):
+        return self.read([name])[name]
+
+    def read(self, names: Iterable[str], *, verify: bool | None = None) -> dict[str, torch.Tensor]:
+        """Read tensors (to CPU) all at once, in parallel across the shard files.
+
+        Each is allocated with its stored dtype and shape and read straight into; with
+        ``verify`` (default: as opened) its bytes are hashed in the reading thread as they
+        land and compared with the manifest's xxh3.
+
+        Raises:
+            CorruptFileError: a name the manifest does not list, or a file shorter than
+                its header says.
+            ChecksumError: a tensor's bytes differ from their recorded checksum.
+        """
+        verify = self._verify if verify is None else verify
+        out: dict[str, torch.Tensor] = {}
+        extents: list[ReadExtent] = []
+        for name in names:
+            if name in out:
+                continue
+            info = self.manifest["tensors"].get(name)
+            if info is None:
+                raise self._corrupt(f"its structure refers to tensor {name!r}, which is not stored")
+            source = self._sources[info["file"]]
+            out[name] = source.empty(name)
+            landed = self._checker(name, info) if verify else None
+            extents.append(source.extent(name, out[name], landed))
+        read_extents(extents)
+        if verify:
+            self._checked.update(out)
+        return out
+
+    def _checker(self, name: str, info: dict[str, Any]) -> Landed:
+        expected = info.get("xxh3")
+        where = str(self.path / info["file"])
+
+        def check(data: memoryview) -> None:
+            actual = xxhash.xxh3_64_hexdigest(data)
+            if actual != expected:
                 raise ChecksumError(
-                    f"tensor {name!r} in {str(self.path / info['file'])!r} is damaged: its bytes "
-                    f"hash to {actual}, but {info.get('xxh3')} was recorded when it was saved. "
-                    "Load an earlier checkpoint."
+                    f"tensor {name!r} in {where!r} is damaged: its bytes hash to {actual}, but "
+                    f"{expected} was recorded when it was saved. Load an earlier checkpoint."
                 )
-            self._checked.add(name)
-        return tensor
+
+        return check
 
     def verify_rest(self) -> None:
-        """Check the tensors not read yet (with ``verify``)."""
-        for name in self.manifest["tensors"]:
-            if name not in self._checked:
-                self.tensor(name)
+        """Check the tensors not read (with ``verify``) yet, in parallel, without keeping them.
+
+        Raises:
+            ChecksumError: a tensor's bytes differ from their recorded checksum.
+            CorruptFileError: a file shorter than its header says.
+        """
+        tensors = self.manifest["tensors"]
+        check_spans(
+            [
+                self._sources[info["file"]].span(name, self._checker(name, info))
+                for name, info in tensors.items()
+                if name not in self._checked
+            ]
+        )
+        self._checked.update(tensors)
 
     def objects(self, trust: bool, allow_globals: Iterable[str] = ()) -> list[object]:
         """The pickled side objects: unpickled fully with ``trust``, through the allowlist
@@ -204,6 +247,31 @@ class NativeSource(Source):
             return torch.empty(info.shape, dtype=getattr(torch, info.dtype), device="meta")
         tensor = self._checkpoint.tensor(self._stored[entry][name])
         return tensor if self._device == "cpu" else tensor.to(self._device)
+
+    def read_many(
+        self, entry: str, names: Iterable[str], *, verify: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Read ``names`` of ``entry`` into new tensors, all at once and in parallel.
+
+        With ``verify``, each tensor is hashed as it lands, then the checkpoint's other
+        tensors are checked, as :meth:`verify` does, without reading anything twice.
+        """
+        wanted = list(dict.fromkeys(names))
+        if self._device == "meta":
+            return {name: self.get(entry, name) for name in wanted}
+        stored = self._stored[entry]
+        tensors = self._checkpoint.read([stored[name] for name in wanted], verify=verify)
+        if verify:
+            self._checkpoint.verify_rest()
+        out: dict[str, torch.Tensor] = {}
+        taken: set[str] = set()
+        for name in wanted:
+            tensor = tensors[stored[name]]
+            if stored[name] in taken:
+                tensor = tensor.clone()  # a tensor per name, as separate reads give
+            taken.add(stored[name])
+            out[name] = tensor if self._device == "cpu" else tensor.to(self._device)
+        return out
 
     def verify(self, entry: str | None = None) -> None:
         with NativeCheckpoint(Path(self.path), verify=True) as checked:
@@ -314,3 +382,20 @@ class NativeFormat:
             "training checkpoints are written by torchkeep.save_checkpoint or a "
             "CheckpointManager, not by torchkeep.save"
         )
+
+
+def referenced_tensors(node: Any) -> list[str]:
+    """The stored tensor names a manifest node refers to (parts of composite tensors too),
+    in the order a decode meets them."""
+    found: list[str] = []
+    pending = [node]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, list):
+            pending.extend(reversed(item))
+        elif isinstance(item, dict):
+            if item.get(TAG) in ("tensor", "ndarray") and isinstance(item.get("name"), str):
+                found.append(item["name"])
+            else:
+                pending.extend(reversed(list(item.values())))
+    return list(dict.fromkeys(found))

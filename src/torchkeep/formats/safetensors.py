@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 
 from torchkeep._tensors import (
     DTYPE_FROM_NAME,
@@ -25,7 +26,6 @@ from torchkeep._tensors import (
     NAME_FROM_DTYPE,
     byte_view,
     check_saveable,
-    xxh3,
 )
 from torchkeep.errors import ChecksumError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
@@ -40,7 +40,7 @@ from torchkeep.formats.safetensors_header import (
     tensor_infos,
 )
 from torchkeep.io.positional import BINARY, readv
-from torchkeep.io.read import ReadExtent, read_extents
+from torchkeep.io.read import Landed, ReadExtent, Span, check_spans, read_extents
 from torchkeep.io.write import FilePlan, Slot, write_files
 
 
@@ -118,47 +118,128 @@ class SafetensorsSource(Source):
         else:
             super().read_into(entry, name, dest)
 
+    def empty(self, name: str) -> torch.Tensor:
+        """An uninitialised CPU tensor of ``name``'s stored dtype and shape, to read into."""
+        stored, spec = self._stored(name)
+        return torch.empty(spec.shape, dtype=self._dtypes[stored])
+
+    def extent(self, name: str, dest: torch.Tensor, landed: Landed | None = None) -> ReadExtent:
+        """The read of ``name``'s bytes into ``dest`` (a contiguous CPU tensor of its size)."""
+        stored, spec = self._stored(name)
+        view = byte_view(dest.data)
+        return ReadExtent(self._fd, self._data_start + spec.begin, view, self.path, stored, landed)
+
+    def span(self, name: str, landed: Landed) -> Span:
+        """``name``'s bytes, to be read only for ``landed`` (see :func:`check_spans`)."""
+        stored, spec = self._stored(name)
+        offset = self._data_start + spec.begin
+        return Span(self._fd, offset, spec.end - spec.begin, self.path, stored, landed)
+
+    def _checker(self, stored: str) -> Landed | None:
+        """A hook that checks ``stored``'s bytes against its recorded xxh3 (None: none kept)."""
+        expected = self._checksums.get(stored)
+        if expected is None or stored not in self._tensors:
+            return None
+        spec = self._tensors[stored]
+
+        def check(data: memoryview) -> None:
+            actual = xxhash.xxh3_64_hexdigest(data)
+            if actual != expected:
+                raise ChecksumError(
+                    f"tensor {stored!r} in {self.path!r} is damaged: its bytes hash to {actual}, "
+                    f"but {expected} was recorded when it was saved (data bytes "
+                    f"{self._data_start + spec.begin} to {self._data_start + spec.end})"
+                )
+
+        return check
+
     def plan_reads(
-        self, pairs: Sequence[tuple[str, torch.Tensor]]
+        self, pairs: Sequence[tuple[str, torch.Tensor]], *, verify: bool = False
     ) -> tuple[list[ReadExtent], list[tuple[str, torch.Tensor]]]:
         """Extents for the pairs that can be read straight into their destination, and the rest.
 
         A destination qualifies when it is a contiguous CPU tensor of the stored dtype and
-        shape; the others need a cast or a device copy.
+        shape; the others need a cast or a device copy. With ``verify``, each extent checks its
+        tensor's recorded checksum as its bytes land.
         """
         extents: list[ReadExtent] = []
         rest: list[tuple[str, torch.Tensor]] = []
         for name, dest in pairs:
             stored, spec = self._stored(name)
             if self._direct(stored, spec, dest):
-                offset = self._data_start + spec.begin
-                extents.append(
-                    ReadExtent(self._fd, offset, byte_view(dest.data), self.path, stored)
-                )
+                extents.append(self.extent(name, dest, self._checker(stored) if verify else None))
             else:
                 rest.append((name, dest))
         return extents, rest
 
-    def read_into_many(self, entry: str, pairs: Sequence[tuple[str, torch.Tensor]]) -> None:
-        extents, rest = self.plan_reads(pairs)
+    def read_into_many(
+        self, entry: str, pairs: Sequence[tuple[str, torch.Tensor]], *, verify: bool = False
+    ) -> None:
+        """Read the pairs in parallel; with ``verify``, hash each tensor as it lands and then
+        check the file's other tensors (see :meth:`verify_unread`)."""
+        extents, rest = self.plan_reads(pairs, verify=verify)
         read_extents(extents, progress=self.progress)
         for name, dest in rest:
             super().read_into(entry, name, dest)
+        if verify:
+            self.verify_unread({extent.name for extent in extents})
+
+    def plan_many(
+        self, names: Iterable[str], *, verify: bool = False
+    ) -> tuple[dict[str, torch.Tensor], list[ReadExtent]]:
+        """New CPU tensors for ``names`` (stored dtype and shape) and the reads that fill them."""
+        out = {name: self.empty(name) for name in names}
+        extents = [
+            self.extent(name, tensor, self._checker(self._stored(name)[0]) if verify else None)
+            for name, tensor in out.items()
+        ]
+        return out, extents
+
+    def place(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors read on the CPU, moved to the device the file was opened for."""
+        if self._device == "cpu":
+            return tensors
+        for name, tensor in tensors.items():
+            tensors[name] = tensor.to(self._device)
+        return tensors
+
+    def read_many(
+        self, entry: str, names: Iterable[str], *, verify: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Read ``names`` into new tensors, all at once and in parallel.
+
+        With ``verify``, each tensor is hashed in the reading thread as its bytes land, and
+        the file's tensors not among ``names`` are checked afterwards, so every recorded
+        checksum is checked, as :meth:`verify` does, without reading anything twice.
+
+        Raises:
+            ChecksumError: a tensor's bytes differ from its recorded checksum.
+            CorruptFileError: the file ends before a tensor's last byte.
+        """
+        if self._device == "meta":
+            return {name: self.get(entry, name) for name in names}
+        out, extents = self.plan_many(names, verify=verify)
+        read_extents(extents, progress=self.progress)
+        if verify:
+            self.verify_unread({extent.name for extent in extents})
+        return self.place(out)
 
     def verify(self, entry: str | None = None) -> None:
-        for name, expected in self._checksums.items():
-            if name not in self._tensors:
-                continue
-            spec = self._tensors[name]
-            tensor = torch.empty(spec.shape, dtype=self._dtypes[name])
-            self._read(name, spec, tensor)
-            actual = xxh3(tensor)
-            if actual != expected:
-                raise ChecksumError(
-                    f"tensor {name!r} in {self.path!r} is damaged: its bytes hash to {actual}, "
-                    f"but {expected} was recorded when it was saved (data bytes "
-                    f"{self._data_start + spec.begin} to {self._data_start + spec.end})"
-                )
+        self.verify_unread(())
+
+    def verify_unread(self, read: Collection[str]) -> None:
+        """Check the recorded checksums of the stored tensors not in ``read``, in parallel.
+
+        Raises:
+            ChecksumError: a tensor's bytes differ from its recorded checksum.
+            CorruptFileError: the file ends before a tensor's last byte.
+        """
+        spans: list[Span] = []
+        for name in self._checksums:
+            check = None if name in read else self._checker(name)
+            if check is not None:
+                spans.append(self.span(name, check))
+        check_spans(spans)
 
     def close(self) -> None:
         if self._fd >= 0:

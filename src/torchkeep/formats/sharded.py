@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -177,28 +177,77 @@ class ShardedSource(Source):
         if self.progress is not None:
             self.progress(dest.nbytes)
 
-    def read_into_many(self, entry: str, pairs: Sequence[tuple[str, torch.Tensor]]) -> None:
+    def read_into_many(
+        self, entry: str, pairs: Sequence[tuple[str, torch.Tensor]], *, verify: bool = False
+    ) -> None:
+        """Read the pairs in one parallel read across the shards; with ``verify``, hash each
+        tensor as it lands and then check every shard's other tensors."""
         by_shard: dict[str, list[tuple[str, torch.Tensor]]] = {}
         for name, dest in pairs:
             by_shard.setdefault(self._weight_map[name], []).append((name, dest))
         extents: list[ReadExtent] = []
         rest: list[tuple[str, torch.Tensor]] = []
+        read: dict[str, set[str]] = {}
         for file, wanted in by_shard.items():
             shard = self._shard(file)
             if isinstance(shard, SafetensorsSource):
-                direct, others = shard.plan_reads(wanted)
+                direct, others = shard.plan_reads(wanted, verify=verify)
                 extents += direct
                 rest += others
+                read[file] = {extent.name for extent in direct}
             else:
                 rest += wanted
         # One parallel read across every shard, so the threads stay busy to the end.
         read_extents(extents, progress=self.progress)
         for name, dest in rest:
             self.read_into(entry, name, dest)
+        if verify:
+            self._verify_unread(read)
+
+    def read_many(
+        self, entry: str, names: Iterable[str], *, verify: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Read ``names`` into new tensors, in one parallel read across the shards.
+
+        With ``verify``, each tensor is hashed as it lands, then every shard's other tensors
+        are checked (see :meth:`SafetensorsSource.read_many`).
+        """
+        wanted = list(dict.fromkeys(names))
+        if self._options.meta:
+            return {name: self.get(entry, name) for name in wanted}
+        by_shard: dict[str, list[str]] = {}
+        for name in wanted:
+            by_shard.setdefault(self._weight_map[name], []).append(name)
+        found: dict[str, torch.Tensor] = {}
+        extents: list[ReadExtent] = []
+        read: dict[str, set[str]] = {}
+        planned: list[tuple[SafetensorsSource, list[str]]] = []
+        for file, group in by_shard.items():
+            shard = self._shard(file)
+            if isinstance(shard, SafetensorsSource):
+                tensors, reads = shard.plan_many(group, verify=verify)
+                found.update(tensors)
+                extents += reads
+                read[file] = {extent.name for extent in reads}
+                planned.append((shard, group))
+        read_extents(extents, progress=self.progress)
+        if verify:
+            self._verify_unread(read)
+        for shard, group in planned:
+            found.update(shard.place({name: found[name] for name in group}))
+        return {name: found[name] if name in found else self.get(entry, name) for name in wanted}
 
     def verify(self, entry: str | None = None) -> None:
+        self._verify_unread({})
+
+    def _verify_unread(self, read: dict[str, set[str]]) -> None:
+        """Check every shard's checksums but those of the tensors in ``read`` (by shard)."""
         for file in sorted(set(self._weight_map.values())):
-            self._shard(file).verify()
+            shard = self._shard(file)
+            if isinstance(shard, SafetensorsSource):
+                shard.verify_unread(read.get(file, set()))
+            else:
+                shard.verify()
 
     def close(self) -> None:
         for shard in self._shards.values():

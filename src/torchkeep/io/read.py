@@ -5,6 +5,11 @@ by file position and cut into one contiguous stretch per thread, splitting a lar
 a cut falls inside it: every thread then reads sequentially, which keeps the kernel's readahead
 working on a cold cache, while on a warm cache the copies out of the page cache run on every
 core. Neighbouring tensors in a stretch are read by one ``preadv`` into their several buffers.
+
+An extent may carry a hook (``landed``) that is handed its destination in the reading thread
+as soon as all of its bytes are in memory, which is how checksums are computed during the read
+instead of by a second one; :func:`check_spans` reads bytes for such hooks alone, through a
+bounded scratch buffer.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torchkeep.errors import CorruptFileError
 from torchkeep.io._sys import IOV_MAX, io_threads
@@ -22,9 +27,13 @@ READ_CHUNK = 64 << 20
 """Largest single read call."""
 SEQUENTIAL_BELOW = 8 << 20
 """Below this many bytes in all, one thread reads everything."""
+CHECK_BATCH = 64 << 20
+"""Scratch memory :func:`check_spans` reads into at a time (or one larger span)."""
 
 # Called with a byte count as bytes are done (see torchkeep._progress).
 Counter = Callable[[int], None]
+# Called with an extent's destination once all its bytes are there (a checksum, say).
+Landed = Callable[[memoryview], None]
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class ReadExtent:
         dest: the destination memory (a writable byte view of the tensor).
         path: the file's path, for error messages.
         name: the tensor's name, for error messages.
+        landed: called in the reading thread with ``dest`` once all of its bytes are read.
     """
 
     fd: int
@@ -44,6 +54,36 @@ class ReadExtent:
     dest: memoryview
     path: str
     name: str
+    landed: Landed | None = None
+
+
+@dataclass(frozen=True)
+class Span:
+    """Bytes of a file read only to be handed to ``landed`` (see :func:`check_spans`)."""
+
+    fd: int
+    offset: int
+    nbytes: int
+    path: str
+    name: str
+    landed: Landed
+
+
+class _Countdown:
+    """An extent's hook, called once the last of its pieces (read by any thread) is in."""
+
+    def __init__(self, whole: memoryview, landed: Landed) -> None:
+        self._whole = whole
+        self._landed = landed
+        self._left = whole.nbytes
+        self._lock = threading.Lock()
+
+    def __call__(self, piece: memoryview) -> None:
+        with self._lock:
+            self._left -= piece.nbytes
+            done = self._left == 0
+        if done:
+            self._landed(self._whole)
 
 
 def _truncated(extent: ReadExtent, got: int) -> CorruptFileError:
@@ -71,6 +111,9 @@ def _read_run(run: list[ReadExtent], counted: Counter | None = None) -> None:
             if step <= 0:
                 raise _truncated(extent, got)
             got += step
+    for extent in run:
+        if extent.landed is not None:
+            extent.landed(extent.dest)
 
 
 def _runs(extents: Sequence[ReadExtent]) -> list[list[ReadExtent]]:
@@ -103,6 +146,7 @@ def _pieces(extent: ReadExtent) -> list[ReadExtent]:
             extent.dest[start : start + READ_CHUNK],
             extent.path,
             extent.name,
+            extent.landed,
         )
         for start in range(0, extent.dest.nbytes, READ_CHUNK)
     ]
@@ -117,17 +161,8 @@ def _split(extents: list[ReadExtent], parts: int) -> list[list[ReadExtent]]:
     for extent in extents:
         while extent.dest.nbytes > room and len(stretches) < parts:
             if room:
-                head = ReadExtent(
-                    extent.fd, extent.offset, extent.dest[:room], extent.path, extent.name
-                )
-                stretches[-1].append(head)
-                extent = ReadExtent(
-                    extent.fd,
-                    extent.offset + room,
-                    extent.dest[room:],
-                    extent.path,
-                    extent.name,
-                )
+                stretches[-1].append(replace(extent, dest=extent.dest[:room]))
+                extent = replace(extent, offset=extent.offset + room, dest=extent.dest[room:])
             stretches.append([])
             room = share
         if extent.dest.nbytes:
@@ -167,15 +202,25 @@ def read_extents(
 
     Args:
         extents: what to read. Extents whose destinations overlap are read one after the
-            other, in the given order, after the others.
+            other, in the given order, after the others. Each extent's ``landed`` hook is
+            called once, in the thread that read its last byte.
         threads: how many threads read (default: :func:`~torchkeep.io._sys.io_threads`).
         progress: called (from the reading threads) with each read run's byte count.
 
     Raises:
         CorruptFileError: a file ended before a tensor's last byte.
         OSError: a read failed.
+        Exception: whatever a ``landed`` hook raised (a ``ChecksumError``).
     """
-    extents = [e for e in extents if e.dest.nbytes]
+    for extent in extents:
+        if not extent.dest.nbytes and extent.landed is not None:
+            extent.landed(extent.dest)
+    # A hook waits for every piece of its extent, wherever the extent is cut.
+    extents = [
+        e if e.landed is None else replace(e, landed=_Countdown(e.dest, e.landed))
+        for e in extents
+        if e.dest.nbytes
+    ]
     later = _shared_destinations(extents)
     if later:
         _read_parallel([e for i, e in enumerate(extents) if i not in later], threads, progress)
@@ -223,3 +268,32 @@ def _read_parallel(
         helper.join()
     if errors:
         raise errors[0]
+
+
+def check_spans(
+    spans: Sequence[Span], *, threads: int | None = None, batch: int = CHECK_BATCH
+) -> None:
+    """Read each span into scratch memory and hand it to its hook, in parallel.
+
+    Spans are read in batches of at most ``batch`` bytes (a larger span alone), through one
+    reused buffer, so memory stays bounded by the larger of ``batch`` and the largest span.
+
+    Raises:
+        CorruptFileError: a file ended before a span's last byte.
+        OSError: a read failed.
+        Exception: whatever a hook raised.
+    """
+    if not spans:
+        return
+    largest = max(span.nbytes for span in spans)
+    memory = memoryview(bytearray(max(min(batch, sum(s.nbytes for s in spans)), largest)))
+    pending: list[ReadExtent] = []
+    used = 0
+    for span in sorted(spans, key=lambda s: (s.fd, s.offset)):
+        if used + span.nbytes > memory.nbytes:
+            read_extents(pending, threads=threads)
+            pending, used = [], 0
+        dest = memory[used : used + span.nbytes]
+        pending.append(ReadExtent(span.fd, span.offset, dest, span.path, span.name, span.landed))
+        used += span.nbytes
+    read_extents(pending, threads=threads)

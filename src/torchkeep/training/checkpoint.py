@@ -43,7 +43,7 @@ from torchkeep.errors import (
     UnsafeFileError,
 )
 from torchkeep.formats.manifest import FORMAT, VERSION, read_manifest
-from torchkeep.formats.native import NativeCheckpoint
+from torchkeep.formats.native import NativeCheckpoint, referenced_tensors
 from torchkeep.formats.tree import (
     Flattener,
     Unflattener,
@@ -346,7 +346,18 @@ def _decode_native(
                 cache.append(ckpt.objects(trust, allow_globals))
             return cache[0]
 
-        decoder = Unflattener(ckpt.tensor, objects, str(path))
+        # Every tensor the decode needs, read at once, in parallel across the shard files
+        # (and hashed as they land, with verify); a name the manifest lacks is left for the
+        # decode to report where the structure refers to it.
+        nodes = [ckpt.manifest["state"], ckpt.manifest.get("rng") if rng else None]
+        stored = ckpt.manifest["tensors"]
+        tensors = ckpt.read(n for n in referenced_tensors(nodes) if n in stored)
+
+        def tensor(name: str) -> torch.Tensor:
+            # The decoder asks once per name; the dict lets go of what it has handed out.
+            return tensors.pop(name) if name in tensors else ckpt.tensor(name)
+
+        decoder = Unflattener(tensor, objects, str(path))
         values: dict[str, Any] = {}
         for name, entry in ckpt.manifest["state"].items():
             value = decoder.decode(entry.get("value"), name)

@@ -35,7 +35,10 @@ from torchkeep.errors import (
 )
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 from torchkeep.formats._guard import reading
+from torchkeep.formats.native import NativeSource
 from torchkeep.formats.registry import TORCH_ZIP, detect, for_writing, open_format, open_source
+from torchkeep.formats.safetensors import SafetensorsSource
+from torchkeep.formats.sharded import ShardedSource
 from torchkeep.storage.local import atomic_dir, atomic_file
 from torchkeep.storage.locate import needs_staging, readable, writable
 from torchkeep.weights.assign import (
@@ -341,13 +344,25 @@ def load_state_dict(
             )
     with _open(path, device=device, trust=trust, allow_globals=allow_globals) as source:
         chosen = default_entry(source, entry)
-        if verify:
-            source.verify(chosen)
-        out: dict[str, Any] = OrderedDict()
         aliases = source.aliases(chosen)
+        # A tied name whose tensor comes earlier shares it; every other name is read.
+        read: list[str] = []
+        seen: set[str] = set()
         for name in source.entries()[chosen]:
-            target = aliases.get(name)
-            out[name] = out[target] if target in out else source.get(chosen, name)
+            if aliases.get(name) not in seen:
+                read.append(name)
+            seen.add(name)
+        if isinstance(source, SafetensorsSource | ShardedSource | NativeSource):
+            # All at once, in parallel, straight into the new tensors; with verify, each is
+            # hashed as it lands and the file's other tensors are checked after.
+            tensors = source.read_many(chosen, read, verify=verify)
+        else:
+            if verify:
+                source.verify(chosen)
+            tensors = {name: source.get(chosen, name) for name in read}
+        out: dict[str, Any] = OrderedDict()
+        for name in source.entries()[chosen]:
+            out[name] = tensors[name] if name in tensors else out[aliases[name]]
         # What a module's own loading needs beside tensors (quantized packed parameters,
         # _extra_state) and torch's module versions, so model.load_state_dict(...) of the
         # result behaves as it does for torch.load's.
