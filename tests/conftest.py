@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,20 @@ class Backbone(nn.Module):
         super().__init__()
         self.backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
         self.head = nn.Linear(16, classes)
+
+
+# torch's deterministic-algorithms mode as the session starts.
+_DETERMINISTIC = torch.are_deterministic_algorithms_enabled()
+_WARN_ONLY = torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+@pytest.fixture(autouse=True)
+def _keep_deterministic_mode() -> Iterator[None]:
+    """Put back, after every test, the mode Lightning's ``deterministic=True`` turns on for
+    the whole process (also from module-scoped fixtures, which run before this one), so no
+    later test runs under it."""
+    yield
+    torch.use_deterministic_algorithms(_DETERMINISTIC, warn_only=_WARN_ONLY)
 
 
 @pytest.fixture(scope="session")

@@ -30,8 +30,10 @@ class OpenOptions:
         device: where tensors of other formats are placed (``"meta"``: shapes only, no data).
         trust: unpickle without the allowlist (the caller vouches for the file).
         allow_globals: extra ``module.name`` globals the allowlist accepts.
-        mmap: map torch zip storages from the file instead of reading them (for short-lived
-            tensors that are copied into a model right away).
+        mmap: give torch zip storages addresses in a mapping of the file, and read each
+            tensor's bytes from its record when it is asked for (straight into its
+            destination, in parallel, where the layouts match) instead of reading every
+            storage whole while the pickle runs.
     """
 
     map_location: MapLocation = "cpu"

@@ -7,16 +7,21 @@ offending global at once.
 
 from __future__ import annotations
 
+import mmap
+import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from torchkeep._tensors import check_saveable, find_aliases, tensor_info
-from torchkeep.errors import UnknownFormatError
+from torchkeep._tensors import byte_view, check_saveable, find_aliases, is_plain, tensor_info
+from torchkeep.errors import CorruptFileError, UnknownFormatError
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.io.positional import BINARY
+from torchkeep.io.read import ReadExtent, read_extents
+from torchkeep.safety.rules import SafeRules
 from torchkeep.safety.stubs import (
     class_name,
     find_stubs,
@@ -24,10 +29,19 @@ from torchkeep.safety.stubs import (
     module_state_dict,
     module_tree,
 )
-from torchkeep.safety.torch_files import LEGACY_MAGIC, ZIP_MAGIC, check_crcs
-from torchkeep.safety.unpickle import safe_pickle_load, safe_torch_load
+from torchkeep.safety.torch_files import (
+    LEGACY_MAGIC,
+    ZIP_MAGIC,
+    Record,
+    Target,
+    check_crcs,
+    read_torch_zip,
+)
+from torchkeep.safety.unpickle import Policy, run_judged, safe_pickle_load, safe_torch_load
 
 _MAX_DEPTH = 4
+# Tensors read into new memory from this size on get their own mapping.
+_OWN_MAPPING = 1 << 20
 
 # Wrappers whose state dict is their one child's under a prefix; torchkeep names state without it.
 _WRAPPERS = {
@@ -160,8 +174,114 @@ def _module_roots(obj: Any) -> dict[str, Any]:
 
 
 class TorchZipSource(PickleSource):
+    """A torch zip whose pickle ran with its storages mapped from the file.
+
+    The mapping only gives the pickle's tensors their places: data is read from the records
+    with positional reads when asked for, never through the mapping, so nothing of the file
+    stays resident. :meth:`read_into_many` reads every tensor that fits its destination
+    (contiguous in its storage, same dtype and shape, a contiguous CPU destination) straight
+    from the file into it, all at once and in parallel; :meth:`get` reads a tensor's own slice
+    of its record into new memory. Files read without a mapping (trusted, big-endian, or
+    restored elsewhere than the CPU) keep the pickle's tensors as they are.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        format: str,
+        obj: Any,
+        records: Mapping[int, Record] | None = None,
+        fd: int = -1,
+    ) -> None:
+        super().__init__(path, format, obj)
+        self._records = dict(records or {}) if fd >= 0 else {}
+        self._fd = fd
+
+    def _file(self) -> int:
+        return self._fd
+
+    def _record(self, tensor: torch.Tensor) -> Record | None:
+        """The record ``tensor``'s storage was mapped from, when its bytes can be read there."""
+        if not self._records or not is_plain(tensor) or tensor.device.type != "cpu":
+            return None
+        storage = tensor.untyped_storage()
+        record = self._records.get(storage.data_ptr())
+        return record if record is not None and storage.nbytes() == record.nbytes else None
+
+    def _span(self, name: str, tensor: torch.Tensor, record: Record) -> tuple[int, int]:
+        """The file offset and length of the bytes ``tensor`` views in ``record``.
+
+        Raises:
+            CorruptFileError: the view runs past its record (the unpickler refuses such views
+                before this; checked again here since these bytes come from the file).
+        """
+        item = tensor.element_size()
+        elements = 1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True))
+        start = int(tensor.storage_offset()) * item
+        length = elements * item if tensor.numel() else 0
+        if start < 0 or start + length > record.nbytes:
+            raise CorruptFileError(
+                f"{self.path!r}: tensor {name!r} views bytes {start} to {start + length} of "
+                f"record {record.name!r}, which holds {record.nbytes}"
+            )
+        return record.offset + start, length
+
+    def get(self, entry: str, name: str) -> torch.Tensor:
+        tensor = self._tensors[entry][name]
+        record = self._record(tensor)
+        if record is None:
+            return tensor
+        offset, length = self._span(name, tensor, record)
+        data = _fresh_bytes(length)
+        read_extents([ReadExtent(self._file(), offset, byte_view(data), self.path, name)])
+        out = torch.empty(0, dtype=tensor.dtype)
+        out.set_(data.untyped_storage(), 0, tensor.shape, tensor.stride())
+        return out
+
+    def read_into(self, entry: str, name: str, dest: torch.Tensor) -> None:
+        self.read_into_many(entry, [(name, dest)])
+
+    def read_into_many(self, entry: str, pairs: Sequence[tuple[str, torch.Tensor]]) -> None:
+        extents: list[ReadExtent] = []
+        rest: list[tuple[str, torch.Tensor]] = []
+        for name, dest in pairs:
+            tensor = self._tensors[entry][name]
+            record = self._record(tensor)
+            if (
+                record is not None
+                and tensor.is_contiguous()
+                and dest.device.type == "cpu"
+                and dest.dtype == tensor.dtype
+                and dest.shape == tensor.shape
+                and dest.is_contiguous()
+            ):
+                offset, _ = self._span(name, tensor, record)
+                extents.append(
+                    ReadExtent(self._file(), offset, byte_view(dest.data), self.path, name)
+                )
+            else:
+                rest.append((name, dest))
+        read_extents(extents, progress=self.progress)
+        for name, dest in rest:
+            super().read_into(entry, name, dest)
+
     def verify(self, entry: str | None = None) -> None:
         check_crcs(self.path)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _fresh_bytes(length: int) -> torch.Tensor:
+    """``length`` bytes of new memory; large ones mapped on their own, so that they go back to
+    the system as soon as the tensor is freed (once malloc has freed a large block it keeps
+    up to twice that much for reuse, which reading one tensor after another would add to
+    the peak)."""
+    if length < _OWN_MAPPING:
+        return torch.empty(length, dtype=torch.uint8)
+    return torch.frombuffer(mmap.mmap(-1, length), dtype=torch.uint8)
 
 
 def _map_location(options: OpenOptions) -> Any:
@@ -188,16 +308,39 @@ class TorchZipFormat:
         )
 
     def open(self, path: Path, options: OpenOptions) -> Source:
+        # Mapped, the pickle gives its tensors places in the file without reading their bytes.
+        mapped = options.mmap and not options.meta and options.map_location == "cpu"
+        if mapped and not options.trust:
+            return self._open_mapped(path, options)
         obj = safe_torch_load(
             str(path),
             map_location=_map_location(options),
             trust=options.trust,
             allow_globals=options.allow_globals,
             stubs=True,
-            # Storages stay in the page cache instead of being copied into private memory.
-            mmap=options.mmap and not options.meta and options.map_location == "cpu",
+            mmap=mapped,
         )
         return TorchZipSource(path, self.name, obj)
+
+    def _open_mapped(self, path: Path, options: OpenOptions) -> Source:
+        records: dict[int, Record] = {}
+
+        def run(rules: SafeRules) -> Any:
+            target = Target.for_location("cpu", mmap=True)
+            value = read_torch_zip(str(path), rules=rules, target=target)
+            records.clear()
+            records.update(target.records)
+            return value
+
+        # Opened first: tensors are read from the file that was parsed, even if the path is
+        # replaced meanwhile (a checkpoint overwritten by rename).
+        fd = os.open(path, os.O_RDONLY | BINARY)
+        try:
+            obj = run_judged(str(path), Policy(frozenset(options.allow_globals), stubs=True), run)
+        except BaseException:
+            os.close(fd)
+            raise
+        return TorchZipSource(path, self.name, obj, records, fd)
 
     def write(self, request: WriteRequest, path: Path) -> None:
         torch.save(_with_aliases(request, self.name), path)

@@ -11,6 +11,7 @@ legacy layout's data section, every storage of which must be present.
 
 from __future__ import annotations
 
+import bisect
 import mmap as mmap_module
 import re
 import struct
@@ -39,6 +40,21 @@ _LOCATION = re.compile(r"[a-z_]{1,32}(:[0-9]{1,4})?")
 Restore = Callable[[torch.UntypedStorage, str], torch.UntypedStorage]
 
 
+@dataclass(frozen=True)
+class Record:
+    """Where one storage's bytes lie in a torch zip: a stored record, validated.
+
+    Attributes:
+        name: the record's member name, for messages.
+        offset: the file offset of its first data byte.
+        nbytes: its length, exactly the storage's.
+    """
+
+    name: str
+    offset: int
+    nbytes: int
+
+
 @dataclass
 class Target:
     """Where storages go: on ``meta`` (shapes only), mapped from the file, or read."""
@@ -48,6 +64,9 @@ class Target:
     mmap: bool = False
     # Storages stay on the CPU (map_location "cpu").
     cpu: bool = False
+    # Storages mapped from the file, by data pointer: the record each one is, so that their
+    # tensors can be read straight from the file instead of through the mapping.
+    records: dict[int, Record] = field(default_factory=dict)
 
     @classmethod
     def for_location(cls, map_location: Any, *, mmap: bool = False) -> Target:
@@ -262,12 +281,32 @@ def read_member(zf: ZipArchive, info: zipfile.ZipInfo) -> bytes:
     return data
 
 
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+_DATA_DESCRIPTOR = 0x08
+_ZIP64_EXTRA = 0x0001
+_ZIP64_MARK = 0xFFFFFFFF
+
+
+def _zip64_sizes(extra: bytes) -> tuple[int, int] | None:
+    """(uncompressed, compressed) sizes from a local header's zip64 extra field, if any."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        kind, size = struct.unpack("<HH", extra[pos : pos + 4])
+        if kind == _ZIP64_EXTRA and size >= 16:
+            return struct.unpack("<QQ", extra[pos + 4 : pos + 20])  # type: ignore[return-value]
+        pos += 4 + size
+    return None
+
+
 def _data_offset(f: BinaryIO, info: zipfile.ZipInfo, label: str) -> int:
+    """The file offset of a stored record's data, its local header checked against the zip
+    directory: same name, same method, and the same sizes (or none: zeros with a data
+    descriptor, as torch writes, or a zip64 extra that holds them)."""
     f.seek(info.header_offset)
-    head = f.read(30)
-    if len(head) != 30 or head[:4] != ZIP_MAGIC:
+    head = f.read(_LOCAL_HEADER.size)
+    if len(head) != _LOCAL_HEADER.size or head[:4] != ZIP_MAGIC:
         raise CorruptFileError(f"{label!r}: the local header of {info.filename!r} is damaged")
-    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    _, _, flags, method, _, _, _, compressed, size, name_len, extra_len = _LOCAL_HEADER.unpack(head)
     name = f.read(name_len)
     if (
         name.decode("utf-8", "replace") != info.filename
@@ -277,8 +316,34 @@ def _data_offset(f: BinaryIO, info: zipfile.ZipInfo, label: str) -> int:
             f"refusing {label!r}: the local header of {info.filename!r} names another file",
             path=label,
         )
+    extra = f.read(extra_len)
+    if len(extra) != extra_len:
+        raise CorruptFileError(
+            f"{label!r} is truncated inside the local header of {info.filename!r}"
+        )
+    if method != info.compress_type:
+        raise CorruptFileError(
+            f"{label!r}: the local header of {info.filename!r} declares compression method "
+            f"{method}, the zip directory {info.compress_type}; readers would disagree about "
+            "its bytes"
+        )
+    declared: tuple[int, int] | None = (size, compressed)
+    if _ZIP64_MARK in (size, compressed):
+        declared = _zip64_sizes(extra)
+    no_sizes = flags & _DATA_DESCRIPTOR and declared == (0, 0)
+    if not no_sizes and declared != (info.file_size, info.compress_size):
+        said = (
+            "no readable sizes"
+            if declared is None
+            else f"{declared[0]} bytes ({declared[1]} stored)"
+        )
+        raise CorruptFileError(
+            f"{label!r}: the local header of {info.filename!r} declares {said}, but the zip "
+            f"directory {info.file_size} ({info.compress_size} stored); the file is damaged or "
+            "crafted"
+        )
     start: int = info.header_offset
-    return start + 30 + int(name_len) + int(extra_len)
+    return start + _LOCAL_HEADER.size + int(name_len) + int(extra_len)
 
 
 class ZipStorages:
@@ -296,6 +361,10 @@ class ZipStorages:
         self.loaded: dict[str, tuple[torch.storage.TypedStorage, int]] = {}
         self.file = open(zf.path, "rb")  # noqa: SIM115 - closed by close()
         self.size = self.file.seek(0, 2)
+        # A record's data ends before the next member's local header (so no two records
+        # overlap), and every member before the zip directory.
+        self.end = min(self.size, zf.archive.start_dir)
+        self.starts = sorted(info.header_offset for info in zf.members.values())
         self.mapped: torch.UntypedStorage | None = None
         byteorder = zf.find("byteorder")
         order = read_member(zf, byteorder).strip() if byteorder is not None else b"little"
@@ -337,12 +406,27 @@ class ZipStorages:
         offset = _data_offset(self.file, info, label)
         if offset + nbytes > self.size:
             raise CorruptFileError(f"{label!r} is truncated inside record {info.filename!r}")
+        bound = self._bound(info)
+        if offset + nbytes > bound:
+            after = "the zip directory" if bound == self.end else "the next zip member"
+            raise CorruptFileError(
+                f"{label!r}: record {info.filename!r} needs bytes {offset} to {offset + nbytes}, "
+                f"but {after} starts at byte {bound}: it overlaps what follows, so the file is "
+                "damaged or crafted"
+            )
         untyped = self._storage(offset, nbytes, dtype)
         if not self.target.meta:
             untyped = self.target.restore(untyped, location)
+        if self.target.mmap and self.target.cpu and not self.swap and nbytes:
+            self.target.records[untyped.data_ptr()] = Record(info.filename, offset, nbytes)
         typed = _typed(self.rules, untyped, dtype)
         self.loaded[key] = (typed, nbytes)
         return typed
+
+    def _bound(self, info: zipfile.ZipInfo) -> int:
+        """Where the member after ``info`` starts: its data may not reach past that."""
+        at = bisect.bisect_right(self.starts, info.header_offset)
+        return self.starts[at] if at < len(self.starts) else self.end
 
     def _storage(self, offset: int, nbytes: int, dtype: torch.dtype) -> torch.UntypedStorage:
         if self.target.meta:
@@ -387,6 +471,21 @@ def read_zip(
     if end != len(data):
         raise CorruptFileError(f"{path!r}: {info.filename!r} has bytes after the pickle's end")
     return value
+
+
+def read_torch_zip(path: str, *, rules: SafeRules, target: Target) -> Any:
+    """Unpickle a ``torch.save`` zip (refusing a TorchScript archive, which is another format).
+
+    With a mapping target, ``target.records`` ends up naming the record of every storage.
+    """
+    zf = open_zip(path)
+    if zf.find("constants.pkl") is not None:
+        raise CorruptFileError(
+            f"{path!r} is a TorchScript archive, not a torch.save file; read its weights "
+            "with torchkeep.load_state_dict, or run it with torchkeep.load_model(..., "
+            "trust=True)"
+        )
+    return read_zip(path, rules=rules, target=target, zf=zf)
 
 
 # -- legacy ---------------------------------------------------------------------------------

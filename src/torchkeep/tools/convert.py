@@ -5,8 +5,10 @@ facts alone (shapes and dtypes, no data), written first with placeholder checksu
 tensor is then read from the source, cast, hashed and written before the next one is read.
 Because every xxh3 digest has the same 16-digit width, the final header has exactly the
 placeholder's length and is written over it at the end. Peak memory is about the largest
-tensor (twice that while casting), not the file. torch zip and legacy outputs go through
-``torch.save``, which needs every tensor in memory at once.
+tensor (twice that while casting), not the file: sources are opened mapped, so a torch zip's
+pickle runs first and each tensor is then read from its record only when it is written.
+torch zip and legacy outputs go through ``torch.save``, which needs every tensor in memory at
+once.
 
 Everything is written under a temporary name and renamed into place when complete.
 """
@@ -278,6 +280,7 @@ def convert(
         )
     _check_destination(dst, folder=fmt.is_folder)
     target = parse_dtype(dtype) if dtype is not None else None
+    # Mapped: torch zip tensors are read one at a time from their records, as written.
     options = OpenOptions(trust=trust, allow_globals=tuple(allow_globals), mmap=True)
     with (
         open_source(src, options) as reader,
