@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,3 +78,21 @@ def assert_same_state(model: nn.Module, expected: dict[str, torch.Tensor]) -> No
     assert list(state) == list(expected)
     for name, value in expected.items():
         assert torch.equal(state[name].cpu(), value.cpu()), name
+
+
+def peak_rss_mib(args: list[str]) -> float:
+    """VmHWM of a fresh ``torchkeep`` process running ``args`` (ru_maxrss would inherit the
+    forking parent's). torch is imported first, so that every measurement starts from the same
+    baseline (some commands do not need torch)."""
+    code = (
+        "import sys\nimport torch\nfrom torchkeep.cli import main\n"
+        "try:\n    main(args=sys.argv[1:], prog_name='torchkeep')\n"
+        "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+        "print('PEAK', hwm.split()[1], file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
+    )
+    assert "PEAK" in done.stderr, done.stderr
+    return int(done.stderr.split("PEAK")[1]) / 1024

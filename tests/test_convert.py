@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
+from conftest import peak_rss_mib
 
 import torchkeep as tk
 from torchkeep.errors import ChecksumError, UnsupportedTensorError
@@ -180,23 +179,6 @@ def test_parse_helpers() -> None:
         rename_map(["module."], strip_prefix=["module."])
 
 
-def _peak_rss_mib(args: list[str]) -> float:
-    """VmHWM of a fresh ``torchkeep`` process (ru_maxrss would inherit the forking parent's)."""
-    code = (
-        # torch first: the baseline (inspect of a safetensors file) would not import it
-        "import sys\nimport torch\nfrom torchkeep.cli import main\n"
-        "try:\n    main(args=sys.argv[1:], prog_name='torchkeep')\n"
-        "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
-        "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
-        "print('PEAK', hwm.split()[1], file=sys.stderr)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
-    )
-    assert "PEAK" in done.stderr, done.stderr
-    return int(done.stderr.split("PEAK")[1]) / 1024
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_streaming_peak_memory_stays_near_the_largest_tensor(tmp_path: Path) -> None:
@@ -208,17 +190,17 @@ def test_streaming_peak_memory_stays_near_the_largest_tensor(tmp_path: Path) -> 
     del tensors
     size_mib = source.stat().st_size / 2**20
     assert size_mib > 200
-    baseline = _peak_rss_mib(["inspect", str(source)])
+    baseline = peak_rss_mib(["inspect", str(source)])
     streamed = {
-        "safetensors": _peak_rss_mib(["convert", str(source), str(tmp_path / "o.safetensors")]),
-        "bf16": _peak_rss_mib(
+        "safetensors": peak_rss_mib(["convert", str(source), str(tmp_path / "o.safetensors")]),
+        "bf16": peak_rss_mib(
             ["convert", str(source), str(tmp_path / "b.safetensors"), "--dtype", "bfloat16"]
         ),
-        "sharded": _peak_rss_mib(
+        "sharded": peak_rss_mib(
             ["convert", str(source), str(tmp_path / "shards"), "--shard-size", "50MB"]
         ),
     }
-    whole = _peak_rss_mib(["convert", str(source), str(tmp_path / "o.pt")])
+    whole = peak_rss_mib(["convert", str(source), str(tmp_path / "o.pt")])
     print(
         f"\nfile {size_mib:.0f} MiB, baseline (inspect) {baseline:.0f} MiB; over baseline: "
         + ", ".join(f"{k} +{v - baseline:.0f} MiB" for k, v in streamed.items())

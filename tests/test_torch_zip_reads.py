@@ -7,7 +7,6 @@ from __future__ import annotations
 import collections
 import pickle
 import struct
-import subprocess
 import sys
 import zipfile
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+from conftest import peak_rss_mib
 from torch import nn
 
 import torchkeep as tk
@@ -408,22 +408,6 @@ def test_zips_with_sizes_in_their_local_headers_load(zip64: bool, tmp_path: Path
 # -- memory ----------------------------------------------------------------------------------
 
 
-def _peak_rss_mib(args: list[str]) -> float:
-    """VmHWM of a fresh ``torchkeep`` process (ru_maxrss would inherit the forking parent's)."""
-    code = (
-        "import sys\nimport torch\nfrom torchkeep.cli import main\n"
-        "try:\n    main(args=sys.argv[1:], prog_name='torchkeep')\n"
-        "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
-        "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
-        "print('PEAK', hwm.split()[1], file=sys.stderr)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
-    )
-    assert "PEAK" in done.stderr, done.stderr
-    return int(done.stderr.split("PEAK")[1]) / 1024
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_converting_a_torch_zip_holds_about_one_tensor_at_a_time(tmp_path: Path) -> None:
@@ -437,17 +421,17 @@ def test_converting_a_torch_zip_holds_about_one_tensor_at_a_time(tmp_path: Path)
     assert size_mib > 200
     small = tmp_path / "small.safetensors"
     safetensors.torch.save_file({"w": torch.zeros(4)}, small)
-    baseline = _peak_rss_mib(["inspect", str(small)])
+    baseline = peak_rss_mib(["inspect", str(small)])
     streamed = {
-        "safetensors": _peak_rss_mib(["convert", str(source), str(tmp_path / "o.safetensors")]),
-        "bf16": _peak_rss_mib(
+        "safetensors": peak_rss_mib(["convert", str(source), str(tmp_path / "o.safetensors")]),
+        "bf16": peak_rss_mib(
             ["convert", str(source), str(tmp_path / "b.safetensors"), "--dtype", "bfloat16"]
         ),
-        "sharded": _peak_rss_mib(
+        "sharded": peak_rss_mib(
             ["convert", str(source), str(tmp_path / "shards"), "--shard-size", "50MB"]
         ),
     }
-    whole = _peak_rss_mib(["convert", str(source), str(tmp_path / "o.pt")])
+    whole = peak_rss_mib(["convert", str(source), str(tmp_path / "o.pt")])
     print(
         f"\nfile {size_mib:.0f} MiB, baseline {baseline:.0f} MiB; over baseline: "
         + ", ".join(f"{k} +{v - baseline:.0f} MiB" for k, v in streamed.items())

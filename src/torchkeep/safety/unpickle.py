@@ -31,7 +31,7 @@ from torchkeep.safety.torch_files import (
     open_zip,
     read_legacy,
     read_member,
-    read_zip,
+    read_torch_zip,
     run_pickle,
 )
 
@@ -189,14 +189,7 @@ def _read(path: str, rules: SafeRules, map_location: Any, mmap: bool) -> Any:
         head = f.read(len(LEGACY_MAGIC))
     target = Target.for_location(map_location, mmap=mmap)
     if head.startswith(ZIP_MAGIC):
-        zf = open_zip(path)
-        if zf.find("constants.pkl") is not None:
-            raise CorruptFileError(
-                f"{path!r} is a TorchScript archive, not a torch.save file; read its weights "
-                "with torchkeep.load_state_dict, or run it with torchkeep.load_model(..., "
-                "trust=True)"
-            )
-        return read_zip(path, rules=rules, target=target, zf=zf)
+        return read_torch_zip(path, rules=rules, target=target)
     if head.startswith(LEGACY_MAGIC):
         return read_legacy(path, rules=rules, target=target)
     raise CorruptFileError(f"{path!r} is neither a torch zip file nor a legacy torch file")
