@@ -96,3 +96,41 @@ def peak_rss_mib(args: list[str]) -> float:
     )
     assert "PEAK" in done.stderr, done.stderr
     return int(done.stderr.split("PEAK")[1]) / 1024
+
+
+# The largest tensor of :func:`write_big_state`; every other one is 4 MiB.
+BIG_LARGEST = 16 << 20
+
+
+def write_big_state(save: Any, path: Path) -> None:
+    """A state of over 200 MB (48 tensors of 4 MiB and one of 16 MiB), written by ``save``."""
+    tensors = {f"layer{i}.weight": torch.randn(1 << 20) for i in range(48)}
+    tensors["embed.weight"] = torch.randn(BIG_LARGEST // 4)
+    save(tensors, path)
+    assert path.stat().st_size > 200 * 2**20
+
+
+def assert_convert_streams(source: Path, folder: Path, baseline_args: list[str]) -> None:
+    """``torchkeep convert`` of ``source`` into safetensors, bf16 and shards holds about one
+    tensor at a time (peak memory over the baseline command's below 4 largest tensors), and
+    the measurement can tell: a torch zip output, held whole, costs the file's size."""
+    size_mib = source.stat().st_size / 2**20
+    baseline = peak_rss_mib(baseline_args)
+    streamed = {
+        "safetensors": peak_rss_mib(["convert", str(source), str(folder / "o.safetensors")]),
+        "bf16": peak_rss_mib(
+            ["convert", str(source), str(folder / "b.safetensors"), "--dtype", "bfloat16"]
+        ),
+        "sharded": peak_rss_mib(
+            ["convert", str(source), str(folder / "shards"), "--shard-size", "50MB"]
+        ),
+    }
+    whole = peak_rss_mib(["convert", str(source), str(folder / "o.pt")])
+    print(
+        f"\nfile {size_mib:.0f} MiB, baseline {baseline:.0f} MiB; over baseline: "
+        + ", ".join(f"{k} +{v - baseline:.0f} MiB" for k, v in streamed.items())
+        + f"; torch zip output (not streamed) +{whole - baseline:.0f} MiB"
+    )
+    for label, peak in streamed.items():
+        assert peak - baseline < 4 * BIG_LARGEST / 2**20, (label, peak, baseline)
+    assert whole - baseline > 0.8 * size_mib
