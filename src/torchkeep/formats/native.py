@@ -35,7 +35,7 @@ from torchkeep.formats._base import OpenOptions, Source, WriteRequest
 from torchkeep.formats.manifest import read_manifest
 from torchkeep.formats.safetensors import SafetensorsSource
 from torchkeep.formats.tree import TAG
-from torchkeep.io.read import Landed, ReadExtent, check_spans, read_extents
+from torchkeep.io.read import Landed, ReadExtent, check_spans, read_extents, xxh3_hook
 from torchkeep.safety.contain import member
 from torchkeep.safety.unpickle import safe_pickle_load
 
@@ -129,16 +129,13 @@ class NativeCheckpoint:
     def _checker(self, name: str, info: dict[str, Any]) -> Landed:
         expected = info.get("xxh3")
         where = str(self.path / info["file"])
-
-        def check(data: memoryview) -> None:
-            actual = xxhash.xxh3_64_hexdigest(data)
-            if actual != expected:
-                raise ChecksumError(
-                    f"tensor {name!r} in {where!r} is damaged: its bytes hash to {actual}, but "
-                    f"{expected} was recorded when it was saved. Load an earlier checkpoint."
-                )
-
-        return check
+        return xxh3_hook(
+            expected,
+            lambda actual: ChecksumError(
+                f"tensor {name!r} in {where!r} is damaged: its bytes hash to {actual}, but "
+                f"{expected} was recorded when it was saved. Load an earlier checkpoint."
+            ),
+        )
 
     def verify_rest(self) -> None:
         """Check the tensors not read (with ``verify``) yet, in parallel, without keeping them.

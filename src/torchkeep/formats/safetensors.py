@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 
 from torchkeep._tensors import (
     DTYPE_FROM_NAME,
@@ -40,7 +39,7 @@ from torchkeep.formats.safetensors_header import (
     tensor_infos,
 )
 from torchkeep.io.positional import BINARY, readv
-from torchkeep.io.read import Landed, ReadExtent, Span, check_spans, read_extents
+from torchkeep.io.read import Landed, ReadExtent, Span, check_spans, read_extents, xxh3_hook
 from torchkeep.io.write import FilePlan, Slot, write_files
 
 
@@ -141,17 +140,14 @@ class SafetensorsSource(Source):
         if expected is None or stored not in self._tensors:
             return None
         spec = self._tensors[stored]
-
-        def check(data: memoryview) -> None:
-            actual = xxhash.xxh3_64_hexdigest(data)
-            if actual != expected:
-                raise ChecksumError(
-                    f"tensor {stored!r} in {self.path!r} is damaged: its bytes hash to {actual}, "
-                    f"but {expected} was recorded when it was saved (data bytes "
-                    f"{self._data_start + spec.begin} to {self._data_start + spec.end})"
-                )
-
-        return check
+        return xxh3_hook(
+            expected,
+            lambda actual: ChecksumError(
+                f"tensor {stored!r} in {self.path!r} is damaged: its bytes hash to {actual}, "
+                f"but {expected} was recorded when it was saved (data bytes "
+                f"{self._data_start + spec.begin} to {self._data_start + spec.end})"
+            ),
+        )
 
     def plan_reads(
         self, pairs: Sequence[tuple[str, torch.Tensor]], *, verify: bool = False

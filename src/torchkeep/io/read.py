@@ -19,6 +19,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+import xxhash
+
 from torchkeep.errors import CorruptFileError
 from torchkeep.io._sys import IOV_MAX, io_threads
 from torchkeep.io.positional import readv
@@ -34,6 +36,18 @@ CHECK_BATCH = 64 << 20
 Counter = Callable[[int], None]
 # Called with an extent's destination once all its bytes are there (a checksum, say).
 Landed = Callable[[memoryview], None]
+
+
+def xxh3_hook(expected: str | None, damaged: Callable[[str], BaseException]) -> Landed:
+    """A :data:`Landed` hook comparing the bytes' xxh3 with ``expected``; on a mismatch it
+    raises ``damaged(actual digest)``."""
+
+    def check(data: memoryview) -> None:
+        actual = xxhash.xxh3_64_hexdigest(data)
+        if actual != expected:
+            raise damaged(actual)
+
+    return check
 
 
 @dataclass(frozen=True)
