@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,87 @@ def test_recycled_files_are_overwritten_and_cut_to_length(tmp_path: Path, parall
         write_files([plan])
         assert path.stat().st_ino == inode
         assert path.read_bytes() == reference_bytes(state)
+
+
+@pytest.mark.parametrize("files", [1, 2])
+def test_one_file_is_hashed_beside_its_writer(
+    tmp_path: Path, parallel: None, monkeypatch: pytest.MonkeyPatch, files: int
+) -> None:
+    """With threads to spare, a hashing thread runs beside the writer; else writers hash."""
+    monkeypatch.setenv("TORCHKEEP_IO_THREADS", "2")
+    hashed_by: set[str] = set()
+    real_hash = write_module._hash
+
+    def spy(hasher: Any, view: memoryview) -> None:
+        hashed_by.add(threading.current_thread().name)
+        real_hash(hasher, view)
+
+    monkeypatch.setattr(write_module, "_hash", spy)
+    states = [mixed_state(seed) for seed in range(files)]
+    plans = [
+        file_plan(WriteRequest(s, order=tuple(s)), tmp_path / f"f{i}.safetensors")
+        for i, s in enumerate(states)
+    ]
+    written = write_files(plans)
+    for i, (state, sums) in enumerate(zip(states, written, strict=True)):
+        assert sums == {name: xxh3(t) for name, t in state.items()}
+        assert (tmp_path / f"f{i}.safetensors").read_bytes() == reference_bytes(state)
+    if files == 1:
+        assert hashed_by == {"torchkeep-hash-0"}
+    else:
+        assert hashed_by <= {threading.main_thread().name, "torchkeep-write-0"}
+        assert not any(name.startswith("torchkeep-hash") for name in hashed_by)
+
+
+def test_data_starts_aligned_as_tensor_memory_is(tmp_path: Path) -> None:
+    """The header is padded so the data starts 64-byte aligned; tensors whose sizes are
+    multiples of 64 bytes come first within a dtype size, so each starts aligned too."""
+    state = {
+        "odd": torch.randn(5),  # 20 bytes
+        "a.weight": torch.randn(64, 16),
+        "b.weight": torch.randn(16),  # 64 bytes
+        "c.half": torch.randn(96).half(),  # 192 bytes
+        "d.half": torch.randn(3).half(),
+        "flags": torch.ones(7, dtype=torch.bool),
+    }
+    path = tk.save(state, tmp_path / "model.safetensors")
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    assert (8 + length) % 64 == 0
+    assert raw[8 + len(raw[8 : 8 + length].rstrip(b" ")) : 8 + length].strip(b" ") == b""
+    header = json.loads(raw[8 : 8 + length])
+    for name, tensor in state.items():
+        start = header[name]["data_offsets"][0]
+        if tensor.nbytes % 64 == 0:
+            assert start % 64 == 0, name
+    assert same(load_file(str(path)), state)
+
+
+@pytest.mark.skipif(write_module.reserve_space is None, reason="no fallocate(2) here")
+def test_new_files_reserve_their_blocks_first(tmp_path: Path, parallel: None) -> None:
+    assert write_module.reserve_space is not None
+    probe = tmp_path / "probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        write_module.reserve_space(fd, 1 << 20)
+    finally:
+        os.close(fd)
+    assert probe.stat().st_size == 1 << 20
+    assert probe.stat().st_blocks * 512 >= 1 << 20  # allocated, not a sparse file
+    probe.unlink()
+
+    reserved: list[int] = []
+    real = write_module.reserve_space
+
+    def spy(fd: int, length: int) -> None:
+        reserved.append(length)
+        real(fd, length)
+
+    state = mixed_state()
+    with mock.patch.object(write_module, "reserve_space", spy):
+        path = tk.save(state, tmp_path / "model.safetensors")
+    assert reserved == [path.stat().st_size]
+    assert path.read_bytes() == reference_bytes(state)
 
 
 # -------------------------------------------------------------------------------- reads
@@ -463,6 +545,30 @@ def test_a_failed_parallel_write_leaves_no_file(tmp_path: Path, parallel: None, 
     assert caught.value.errno == errno.ENOSPC
     assert str(caught.value.filename).startswith(str(tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_refused_before_any_byte_is_copied(tmp_path: Path, parallel: None) -> None:
+    path = tk.save(mixed_state(1), tmp_path / "model.safetensors")
+    before = path.read_bytes()
+
+    def no_space(fd: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    writes = [0]
+    real_pwritev = os.pwritev
+
+    def counted(*args: Any) -> int:
+        writes[0] += 1
+        return real_pwritev(*args)
+
+    refused = mock.patch.object(write_module, "reserve_space", no_space)
+    with refused, mock.patch("os.pwritev", counted), pytest.raises(CheckpointWriteError) as caught:
+        tk.save(mixed_state(2), path)
+    assert caught.value.errno == errno.ENOSPC
+    assert "untouched" in str(caught.value)
+    assert writes[0] == 0
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
 def test_a_file_that_exists_is_not_removed(tmp_path: Path) -> None:

@@ -3,10 +3,14 @@
 A file is described up front by a :class:`FilePlan`: where every tensor's bytes go and how
 large the header is. The header's size is known before any checksum is (xxh3 digests are
 always 16 hex digits), so the data is written first, straight from tensor memory with
-``pwritev`` at fixed offsets, each chunk hashed just before it is written (the bytes are then
-still in the CPU cache for the copy into the page cache); the header is built from the finished
-checksums and written last into the space left for it. Nothing is staged in an intermediate
-buffer.
+``pwritev`` at fixed offsets, and the header is built from the finished checksums and written
+last into the space left for it. Nothing is staged in an intermediate buffer. A new file's
+blocks are reserved before the first write (``fallocate``), which makes the copies into the
+page cache cheaper and refuses a full disk before any byte is copied.
+
+Checksums are computed as the bytes go out: by a hashing thread beside the writer when there
+are threads to spare (one file: the hashing then costs no time of its own), otherwise by each
+writer just before it writes a chunk (the bytes are then still in the CPU cache for the copy).
 
 Several files (the shards of a checkpoint) are written by several threads at once, one thread
 per file: a buffered write holds the file's inode lock on Linux filesystems, so two threads
@@ -27,7 +31,7 @@ from pathlib import Path
 
 import xxhash
 
-from torchkeep.io._sys import IOV_MAX, io_threads, start_writeback
+from torchkeep.io._sys import IOV_MAX, io_threads, reserve_space, start_writeback
 from torchkeep.io.positional import BINARY, CLOEXEC, writev
 
 CHUNK = 4 << 20
@@ -124,10 +128,20 @@ def pwrite_all(fd: int, views: Sequence[memoryview], offset: int) -> None:
             rest, offset = rest[written:], offset + written
 
 
-def _open(plan: FilePlan) -> int:
+def _open(plan: FilePlan, touched: list[Path]) -> int:
+    """Open the plan's file for writing; a new one is created with its blocks reserved."""
     if plan.reuse:
-        return os.open(plan.path, os.O_WRONLY | CLOEXEC | BINARY)
-    return os.open(plan.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC | BINARY, 0o644)
+        fd = os.open(plan.path, os.O_WRONLY | CLOEXEC | BINARY)
+    else:
+        fd = os.open(plan.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC | BINARY, 0o644)
+    touched.append(plan.path)
+    if reserve_space is not None and not plan.reuse and plan.size >= SEQUENTIAL_BELOW:
+        try:
+            reserve_space(fd, plan.size)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
 
 
 def _with_path(exc: BaseException, path: Path) -> BaseException:
@@ -147,8 +161,7 @@ def _write_sequential(
         for slot in plan.slots
     }
     header = plan.header(checksums)
-    fd = _open(plan)
-    touched.append(plan.path)
+    fd = _open(plan, touched)
     try:
         write_all(fd, memoryview(header))
         for slot in plan.slots:
@@ -213,13 +226,14 @@ def _file_steps(plan: FilePlan, hashers: Mapping[str, xxhash.xxh3_64 | None]) ->
 
 
 class _Writer:
-    """Threads that each write whole files, hashing every chunk just before writing it.
+    """Threads that each write whole files.
 
     One file never has two writers: a buffered write holds the file's inode lock, so a second
-    writer would only wait for it; files, though, are written side by side. Hashing a chunk
-    right before writing it leaves the chunk in the CPU cache for the copy into the page
-    cache, which measured faster than hashing in a separate thread (see
-    docs/performance.md).
+    writer would only wait for it; files, though, are written side by side. When there are
+    threads to spare (fewer files than half the threads: a single file, typically), each file
+    also gets a hashing thread that runs beside its writer, so the checksums cost no time of
+    their own; otherwise every writer hashes each chunk just before writing it, which leaves
+    the chunk in the CPU cache for the copy into the page cache.
     """
 
     def __init__(
@@ -229,11 +243,14 @@ class _Writer:
         hashers: list[dict[str, xxhash.xxh3_64 | None]],
         durable: bool,
         counted: Counter | None = None,
+        *,
+        hash_apart: bool = False,
     ) -> None:
         self._counted = counted
         self._plans = plans
         self._fds = fds
         self._steps = [_file_steps(p, h) for p, h in zip(plans, hashers, strict=True)]
+        self.hash_apart = hash_apart
         # Largest first, so that the last file to start is a short one.
         self._files = sorted(range(len(plans)), key=lambda i: -plans[i].size)
         self._durable = durable and start_writeback is not None
@@ -245,6 +262,20 @@ class _Writer:
             if self.error is not None or not self._files:
                 return None
             return self._files.pop(0)
+
+    def hash_file(self, file: int) -> None:
+        """Hash every chunk of ``file`` in order (the thread beside its writer)."""
+        try:
+            for step in self._steps[file]:
+                if self.error is not None:
+                    return
+                for view, hasher in zip(step.views, step.hashers, strict=True):
+                    if hasher is not None:
+                        _hash(hasher, view)
+        except BaseException as exc:
+            with self._lock:
+                if self.error is None:
+                    self.error = _with_path(exc, self._plans[file].path)
 
     def run(self) -> None:
         file: int | None = None
@@ -263,9 +294,10 @@ class _Writer:
         for step in self._steps[file]:
             if self.error is not None:
                 return  # another thread failed: the whole write is abandoned
-            for view, hasher in zip(step.views, step.hashers, strict=True):
-                if hasher is not None:
-                    _hash(hasher, view)
+            if not self.hash_apart:
+                for view, hasher in zip(step.views, step.hashers, strict=True):
+                    if hasher is not None:
+                        _hash(hasher, view)
             pwrite_all(fd, step.views, step.offset)
             if self._counted is not None:
                 self._counted(step.end - step.offset)
@@ -286,19 +318,26 @@ def _write_parallel(
     try:
         for plan in plans:
             try:
-                fds.append(_open(plan))
+                fds.append(_open(plan, touched))
             except BaseException as exc:
                 raise _with_path(exc, plan.path) from None
-            touched.append(plan.path)
         hashers: list[dict[str, xxhash.xxh3_64 | None]] = [
             {s.name: None if s.name in plan.known else xxhash.xxh3_64() for s in plan.slots}
             for plan in plans
         ]
-        writer = _Writer(plans, fds, hashers, durable, counted)
+        hash_apart = 2 * len(plans) <= threads
+        writer = _Writer(plans, fds, hashers, durable, counted, hash_apart=hash_apart)
         helpers = [
             threading.Thread(target=writer.run, name=f"torchkeep-write-{i}", daemon=True)
             for i in range(min(threads, len(plans)) - 1)
         ]
+        if hash_apart:
+            helpers += [
+                threading.Thread(
+                    target=writer.hash_file, args=(i,), name=f"torchkeep-hash-{i}", daemon=True
+                )
+                for i in range(len(plans))
+            ]
         for helper in helpers:
             helper.start()
         writer.run()
