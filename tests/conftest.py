@@ -111,9 +111,10 @@ def write_big_state(save: Any, path: Path) -> None:
 
 
 def assert_convert_streams(source: Path, folder: Path, baseline_args: list[str]) -> None:
-    """``torchkeep convert`` of ``source`` into safetensors, bf16 and shards holds about one
-    tensor at a time (peak memory over the baseline command's below 4 largest tensors), and
-    the measurement can tell: a torch zip output, held whole, costs the file's size."""
+    """``torchkeep convert`` of ``source`` into safetensors, bf16, shards and a torch zip holds
+    about one tensor at a time (peak memory over the baseline command's below 4 largest
+    tensors), and the measurement can tell: a legacy torch output, held whole, costs the
+    file's size."""
     size_mib = source.stat().st_size / 2**20
     baseline = peak_rss_mib(baseline_args)
     streamed = {
@@ -124,12 +125,15 @@ def assert_convert_streams(source: Path, folder: Path, baseline_args: list[str])
         "sharded": peak_rss_mib(
             ["convert", str(source), str(folder / "shards"), "--shard-size", "50MB"]
         ),
+        "torch zip": peak_rss_mib(["convert", str(source), str(folder / "o.pt")]),
     }
-    whole = peak_rss_mib(["convert", str(source), str(folder / "o.pt")])
+    whole = peak_rss_mib(
+        ["convert", str(source), str(folder / "legacy.pt"), "--format", "torch-legacy"]
+    )
     print(
         f"\nfile {size_mib:.0f} MiB, baseline {baseline:.0f} MiB; over baseline: "
         + ", ".join(f"{k} +{v - baseline:.0f} MiB" for k, v in streamed.items())
-        + f"; torch zip output (not streamed) +{whole - baseline:.0f} MiB"
+        + f"; legacy torch output (not streamed) +{whole - baseline:.0f} MiB"
     )
     for label, peak in streamed.items():
         assert peak - baseline < 4 * BIG_LARGEST / 2**20, (label, peak, baseline)

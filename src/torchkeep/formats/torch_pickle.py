@@ -226,13 +226,18 @@ class TorchZipSource(PickleSource):
             )
         return record.offset + start, length
 
+    def reads_fresh(self, entry: str, name: str) -> bool:
+        """Whether :meth:`get` reads ``name`` from its record into new memory of its own
+        (otherwise it returns the pickle's tensor, which may share a storage with others)."""
+        return self._record(self._tensors[entry][name]) is not None
+
     def get(self, entry: str, name: str) -> torch.Tensor:
         tensor = self._tensors[entry][name]
         record = self._record(tensor)
         if record is None:
             return tensor
         offset, length = self._span(name, tensor, record)
-        data = _fresh_bytes(length)
+        data = fresh_bytes(length)
         read_extents([ReadExtent(self._file(), offset, byte_view(data), self.path, name)])
         out = torch.empty(0, dtype=tensor.dtype)
         out.set_(data.untyped_storage(), 0, tensor.shape, tensor.stride())
@@ -274,7 +279,7 @@ class TorchZipSource(PickleSource):
             self._fd = -1
 
 
-def _fresh_bytes(length: int) -> torch.Tensor:
+def fresh_bytes(length: int) -> torch.Tensor:
     """``length`` bytes of new memory; large ones mapped on their own, so that they go back to
     the system as soon as the tensor is freed (once malloc has freed a large block it keeps
     up to twice that much for reuse, which reading one tensor after another would add to

@@ -2,13 +2,23 @@
 
 safetensors and sharded outputs are streamed: the header is planned from the source's tensor
 facts alone (shapes and dtypes, no data), written first with placeholder checksums, and each
-tensor is then read from the source, cast, hashed and written before the next one is read.
-Because every xxh3 digest has the same 16-digit width, the final header has exactly the
-placeholder's length and is written over it at the end. Peak memory is about the largest
-tensor (twice that while casting), not the file: sources are opened mapped, so a torch zip's
-pickle runs first and each tensor is then read from its record only when it is written.
-torch zip and legacy outputs go through ``torch.save``, which needs every tensor in memory at
-once.
+tensor is then copied from the source, cast and hashed on the way, before the next one is
+read. Because every xxh3 digest has the same 16-digit width, the final header has exactly the
+placeholder's length and is written over it at the end. Where a tensor's bytes are one
+stretch of the source file (a safetensors file or shard, or a contiguous tensor in a torch
+zip record), they are copied :data:`CHUNK_BYTES` at a time through one reused buffer (and one
+for the cast), so the peak is about a chunk whatever the tensor's size; a checksum hashed
+chunk by chunk is the whole tensor's. Other tensors (non-contiguous views, sources read whole)
+are read whole, cast and written.
+
+torch zip outputs are streamed too (``formats.torch_zip_stream``): torch's serializer writes
+them, and each tensor is made only when it reaches that tensor's record; torch's zip writer
+takes a record in one call, so there the peak is one whole tensor (its source and its cast
+while casting). Sources are opened mapped, so a torch zip's pickle runs first and each tensor
+is then read from its record only when it is written; whole tensors are read into memory of
+their own, returned to the system as soon as they are written. Sources read whole anyway
+(legacy torch files, pickles, trusted loads) and legacy outputs go through ``torch.save`` of
+every tensor at once.
 
 Everything is written under a temporary name and renamed into place when complete.
 """
@@ -20,11 +30,12 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import xxhash
 
 from torchkeep._common import group_by_size, parse_size
 from torchkeep._progress import ProgressOption, reporter
@@ -33,9 +44,9 @@ from torchkeep._tensors import (
     NAME_FROM_DTYPE,
     byte_view,
     check_saveable,
+    is_plain,
     stored_shape,
     to_cpu_contiguous,
-    xxh3,
 )
 from torchkeep.errors import (
     CorruptFileError,
@@ -44,10 +55,13 @@ from torchkeep.errors import (
     UnsupportedTensorError,
 )
 from torchkeep.formats._base import OpenOptions, Source, WriteRequest
-from torchkeep.formats.registry import SAFETENSORS, SHARDED, for_writing, open_source
-from torchkeep.formats.safetensors import build_header, check_storable
+from torchkeep.formats.registry import SAFETENSORS, SHARDED, TORCH_ZIP, for_writing, open_source
+from torchkeep.formats.safetensors import SafetensorsSource, build_header, check_storable
 from torchkeep.formats.safetensors_header import ALIASES_KEY, CHECKSUMS_KEY
-from torchkeep.formats.sharded import SAFETENSORS_INDEX, find_index
+from torchkeep.formats.sharded import SAFETENSORS_INDEX, ShardedSource, find_index
+from torchkeep.formats.torch_pickle import TorchZipSource, fresh_bytes
+from torchkeep.formats.torch_zip_stream import can_stream, save_streamed
+from torchkeep.io.read import ReadExtent, read_extents
 from torchkeep.storage.local import atomic_dir, atomic_file
 from torchkeep.storage.locate import needs_staging, readable, writable
 from torchkeep.weights.entries import choose_entry
@@ -68,6 +82,9 @@ _DTYPE_ALIASES = {
     "double": "float64",
 }
 _PLACEHOLDER_DIGEST = "0" * 16
+# The most bytes of one tensor held at a time (and as much again for its cast) where its bytes
+# are one stretch of the source file.
+CHUNK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -111,6 +128,21 @@ class _Planned:
         for dim in self.shape:
             count *= dim
         return count * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Where a source tensor's bytes lie: ``nbytes`` from ``offset`` in the open file ``fd``."""
+
+    fd: int
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    path: str
+
+
+def _located(data: memoryview) -> None:
+    """The hook of a span asked for only to say where its bytes lie; it is never read."""
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -315,6 +347,10 @@ def convert(
         elif fmt is SHARDED:
             with atomic_dir(dst, durable=durable) as temp:
                 files = writer.sharded(temp, shard_bytes)
+        elif fmt is TORCH_ZIP and writer.streams():
+            with atomic_file(dst, durable=durable) as temp:
+                writer.torch_zip(temp)
+            files = 1
         else:
             with atomic_file(dst, durable=durable) as temp:
                 fmt.write(writer.in_memory(), temp)
@@ -397,12 +433,107 @@ class _Writer:
         self.progress = progress
         self.total = sum(p.nbytes for n, p in plan.items() if n not in aliases)
         self.done = 0
+        self._buffers: list[torch.Tensor] = []
 
-    def fetch(self, name: str) -> torch.Tensor:
+    def _read(self, spec: _Planned) -> torch.Tensor:
+        """``spec``'s source tensor; where the source reads positionally, into new memory of
+        its own (a large one its own mapping, unmapped when freed, so that one tensor after
+        another does not leave the allocator holding the largest twice over)."""
+        info = self.reader.entries()[self.entry][spec.old]
+        dtype = getattr(torch, info.dtype)
+        if (
+            isinstance(self.reader, (SafetensorsSource, ShardedSource))
+            and info.layout == "strided"
+            and dtype != FLOAT4
+        ):
+            count = 1
+            for dim in info.shape:
+                count *= dim
+            out = fresh_bytes(count * dtype.itemsize).view(dtype).view(info.shape)
+            self.reader.read_into(self.entry, spec.old, out)
+            return out
+        return self.reader.get(self.entry, spec.old)
+
+    def _run(self, source: Source, entry: str, name: str) -> _Run | None:
+        """Where ``name``'s bytes lie in ``source``, when they are one stretch of its file:
+        in a safetensors file (or one of a folder's shards), or in a torch zip record read
+        fresh, for a contiguous tensor (a record checked against the zip's directory, and
+        the view's bytes checked to lie inside it).
+
+        Sharded and torch zip sources keep where a tensor lies to themselves; this asks them
+        through the same lookups and checks their own reads make (the shard that holds a
+        name, the record behind a tensor's storage and the view's span in it).
+        """
+        if isinstance(source, ShardedSource):
+            shard = source._shard(source._weight_map[name])
+            return self._run(shard, source._entry_of(shard), name)
+        dtype = getattr(torch, source.entries()[entry][name].dtype)
+        if isinstance(source, SafetensorsSource):
+            span = source.span(name, _located)
+            return _Run(span.fd, span.offset, span.nbytes, dtype, source.path)
+        if isinstance(source, TorchZipSource) and source.reads_fresh(entry, name):
+            tensor = source._tensors[entry][name]
+            record = source._record(tensor)
+            if record is None or not tensor.is_contiguous():
+                return None
+            offset, length = source._span(name, tensor, record)
+            return _Run(source._file(), offset, length, dtype, source.path)
+        return None
+
+    def _buffer(self, which: int) -> torch.Tensor:
+        """One of the two chunk buffers (source bytes, cast bytes), made once and reused."""
+        while len(self._buffers) <= which:
+            self._buffers.append(fresh_bytes(max(CHUNK_BYTES, 16)))
+        return self._buffers[which]
+
+    def _chunks(self, name: str, run: _Run) -> Iterator[memoryview]:
+        """``name``'s output bytes, read from ``run`` a chunk at a time and cast chunk by
+        chunk; each view is valid until the next one is asked for."""
         spec = self.plan[name]
-        tensor = self.reader.get(self.entry, spec.old)
+        count = 1
+        for dim in spec.shape:
+            count *= dim
+        if run.nbytes != count * run.dtype.itemsize:
+            raise CorruptFileError(
+                f"tensor {spec.old!r} in {self.reader.path!r} holds {run.nbytes} bytes, but "
+                f"the file's header says shape {list(spec.shape)} of {run.dtype} "
+                f"({count * run.dtype.itemsize} bytes)"
+            )
+        source = self._buffer(0)
+        step = max(1, source.numel() // max(run.dtype.itemsize, spec.dtype.itemsize))
+        for start in range(0, count, step):
+            n = min(step, count - start)
+            data = source[: n * run.dtype.itemsize]
+            where = run.offset + start * run.dtype.itemsize
+            read_extents([ReadExtent(run.fd, where, byte_view(data), run.path, spec.old)])
+            if spec.dtype != run.dtype:
+                cast = self._buffer(1)[: n * spec.dtype.itemsize].view(spec.dtype)
+                data = cast.copy_(data.view(run.dtype)).view(torch.uint8)
+            yield byte_view(data)
+
+    def fetch(self, name: str) -> Iterator[memoryview]:
+        """``name``'s bytes as a safetensors file stores them, in order: a chunk at a time
+        where its source bytes are one stretch of the file, else the whole tensor at once."""
+        spec = self.plan[name]
+        info = self.reader.entries()[self.entry][spec.old]
+        if info.layout == "strided" and FLOAT4 not in (getattr(torch, info.dtype), spec.dtype):
+            run = self._run(self.reader, self.entry, spec.old)
+            if run is not None:
+                return self._chunks(name, run)
+        tensor = self.tensor(name)
+        check_saveable(spec.old, tensor)
+        return iter([byte_view(tensor)])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """``name``'s whole tensor, read, cast, contiguous and on the CPU."""
+        spec = self.plan[name]
+        tensor = self._read(spec)
         if tensor.dtype != spec.dtype:
-            tensor = tensor.to(spec.dtype)
+            cast = fresh_bytes(spec.nbytes).view(spec.dtype)
+            if is_plain(tensor) and tensor.device.type == "cpu" and cast.numel() == tensor.numel():
+                tensor = cast.view(tensor.shape).copy_(tensor)
+            else:
+                tensor = tensor.to(spec.dtype)
         tensor = to_cpu_contiguous(tensor)
         shape = stored_shape(tensor)
         if shape != spec.shape:
@@ -440,12 +571,13 @@ class _Writer:
         with open(path, "wb") as f:
             f.write(placeholder)
             for name in order:
-                tensor = self.fetch(name)
-                check_saveable(self.plan[name].old, tensor)
-                digests[name] = xxh3(tensor)
-                if tensor.numel():
-                    f.write(byte_view(tensor))
-                del tensor
+                hasher = xxhash.xxh3_64()
+                for piece in self.fetch(name):
+                    hasher.update(piece)
+                    if piece.nbytes:
+                        f.write(piece)
+                    del piece
+                digests[name] = hasher.hexdigest()
                 self.advance(self.plan[name].nbytes)
             header, _ = build_header(request, digests)
             if len(header) != len(placeholder):  # digests are fixed-width; never expected
@@ -471,11 +603,41 @@ class _Writer:
         (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return len(groups)
 
+    def streams(self) -> bool:
+        """Whether every tensor is read from the source only when asked for, into memory of
+        its own (so a torch zip output can be written one tensor at a time, byte for byte as
+        :meth:`in_memory` and ``torch.save`` would)."""
+        reader = self.reader
+        if not can_stream([p.dtype for p in self.plan.values()]):
+            return False
+        if isinstance(reader, TorchZipSource):
+            return all(
+                not p.nbytes or reader.reads_fresh(self.entry, p.old) for p in self.plan.values()
+            )
+        layouts = {info.layout for info in reader.entries()[self.entry].values()}
+        return isinstance(reader, (SafetensorsSource, ShardedSource)) and layouts <= {"strided"}
+
+    def torch_zip(self, path: Path) -> None:
+        """Stream into one torch zip file, each tensor read when torch writes its record."""
+        stored = [n for n in self.plan if n not in self.aliases]
+
+        def fill(name: str) -> torch.Tensor:
+            tensor = self.tensor(name)
+            check_saveable(name, tensor, TORCH_ZIP.name)
+            self.advance(self.plan[name].nbytes)
+            return tensor
+
+        # Empty tensors hold no bytes: given as they are, they share storages exactly as the
+        # whole-state path's do.
+        ready = {n: self.tensor(n) for n in stored if not self.plan[n].nbytes}
+        facts = {n: (self.plan[n].dtype, self.plan[n].shape) for n in stored if n not in ready}
+        save_streamed(path, list(self.plan), facts, self.aliases, fill, ready)
+
     def in_memory(self) -> WriteRequest:
         """Every tensor at once, for writers that need the whole state (``torch.save``)."""
         tensors: dict[str, torch.Tensor] = {}
         for name in self.plan:
             if name not in self.aliases:
-                tensors[name] = self.fetch(name)
+                tensors[name] = self.tensor(name)
                 self.advance(self.plan[name].nbytes)
         return WriteRequest(tensors, dict(self.aliases), self.metadata, None, tuple(self.plan))
