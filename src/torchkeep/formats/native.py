@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import pickle
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import xxhash
 
 from torchkeep._common import BOOKKEEPING, MANIFEST, OBJECTS
 from torchkeep._facts import TensorInfo, numel
+from torchkeep._tensors import copy_into
 from torchkeep.errors import (
     ChecksumError,
     CorruptFileError,
@@ -125,6 +126,57 @@ class NativeCheckpoint:
         if verify:
             self._checked.update(out)
         return out
+
+    def placeholder(self, name: str) -> torch.Tensor | None:
+        """A meta tensor of stored tensor ``name``'s dtype and shape, or None when ``name``
+        is not a plain tensor whose bytes can be read straight into a destination."""
+        info = self.manifest["tensors"].get(name)
+        if info is None:
+            return None
+        stored = self._sources[info["file"]].entries()[""][name]
+        dtype = getattr(torch, stored.dtype, None)
+        if not isinstance(dtype, torch.dtype) or dtype.itemsize * numel(stored.shape) != (
+            stored.nbytes
+        ):
+            return None  # sub-byte dtypes count their elements differently
+        return torch.empty(stored.shape, dtype=dtype, device="meta")
+
+    def read_into(
+        self, pairs: Sequence[tuple[str, torch.Tensor]], *, started: set[str] | None = None
+    ) -> None:
+        """Read stored tensors into existing tensors, all at once and in parallel.
+
+        A contiguous CPU destination of the stored dtype and shape is read into directly;
+        any other (another dtype, device or layout) gets a new tensor read and copied in.
+        Nothing is hashed here: with ``verify``, call :meth:`verify_rest` first, so that a
+        damaged tensor is found before any destination changes.
+
+        Args:
+            pairs: ``(stored name, destination)``; destinations of the same shape.
+            started: gets each stored name before any of its bytes reach its destination,
+                so that after a failure it names every destination that may have changed.
+
+        Raises:
+            CorruptFileError: a name the manifest does not list, or a file that ends
+                before a tensor's last byte.
+            OSError: a read failed.
+        """
+        extents: list[ReadExtent] = []
+        rest: list[tuple[str, torch.Tensor]] = []
+        for name, dest in pairs:
+            info = self.manifest["tensors"].get(name)
+            if info is None:
+                raise self._corrupt(f"its structure refers to tensor {name!r}, which is not stored")
+            direct, other = self._sources[info["file"]].plan_reads([(name, dest)])
+            extents += direct
+            rest += other
+        fresh = self.read([name for name, _ in rest], verify=False)
+        read_extents(extents, started=started)
+        with torch.no_grad():
+            for name, dest in rest:
+                if started is not None:
+                    started.add(name)
+                copy_into(dest, fresh[name], name)
 
     def _checker(self, name: str, info: dict[str, Any]) -> Landed:
         expected = info.get("xxh3")

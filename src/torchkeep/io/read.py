@@ -8,13 +8,16 @@ core. Neighbouring tensors in a stretch are read by one ``preadv`` into their se
 
 An extent may carry a hook (``landed``) that is handed its destination in the reading thread
 as soon as all of its bytes are in memory, which is how checksums are computed during the read
-instead of by a second one; :func:`check_spans` reads bytes for such hooks alone, through a
-bounded scratch buffer.
+instead of by a second one; :func:`check_spans` hands such hooks bytes alone, where they
+already are in the page cache (through read-only mappings), without copying them.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import mmap
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -100,15 +103,20 @@ class _Countdown:
             self._landed(self._whole)
 
 
-def _truncated(extent: ReadExtent, got: int) -> CorruptFileError:
+def _truncated(extent: ReadExtent | Span, got: int) -> CorruptFileError:
+    needed = extent.offset + (extent.nbytes if isinstance(extent, Span) else extent.dest.nbytes)
     return CorruptFileError(
         f"{extent.path!r} is truncated: tensor {extent.name!r} needs bytes up to file offset "
-        f"{extent.offset + extent.dest.nbytes}, but the file ended after byte {extent.offset + got}"
+        f"{needed}, but the file ended after byte {extent.offset + got}"
     )
 
 
-def _read_run(run: list[ReadExtent], counted: Counter | None = None) -> None:
+def _read_run(
+    run: list[ReadExtent], counted: Counter | None = None, started: set[str] | None = None
+) -> None:
     """Read extents that sit back to back in one file, with as few calls as possible."""
+    if started is not None:
+        started.update(extent.name for extent in run)
     if counted is not None:
         _read_run(run)
         counted(sum(e.dest.nbytes for e in run))
@@ -210,7 +218,11 @@ def _shared_destinations(extents: Sequence[ReadExtent]) -> set[int]:
 
 
 def read_extents(
-    extents: Sequence[ReadExtent], *, threads: int | None = None, progress: Counter | None = None
+    extents: Sequence[ReadExtent],
+    *,
+    threads: int | None = None,
+    progress: Counter | None = None,
+    started: set[str] | None = None,
 ) -> None:
     """Fill every extent's destination from its file.
 
@@ -220,6 +232,8 @@ def read_extents(
             called once, in the thread that read its last byte.
         threads: how many threads read (default: :func:`~torchkeep.io._sys.io_threads`).
         progress: called (from the reading threads) with each read run's byte count.
+        started: gets the name of every extent before any of its bytes is read, so that
+            after a failure it holds each destination that may have changed.
 
     Raises:
         CorruptFileError: a file ended before a tensor's last byte.
@@ -237,16 +251,20 @@ def read_extents(
     ]
     later = _shared_destinations(extents)
     if later:
-        _read_parallel([e for i, e in enumerate(extents) if i not in later], threads, progress)
+        first = [e for i, e in enumerate(extents) if i not in later]
+        _read_parallel(first, threads, progress, started)
         for i in sorted(later):
             for run in _runs(_pieces(extents[i])):
-                _read_run(run, progress)
+                _read_run(run, progress, started)
         return
-    _read_parallel(extents, threads, progress)
+    _read_parallel(extents, threads, progress, started)
 
 
 def _read_parallel(
-    extents: Sequence[ReadExtent], threads: int | None, counted: Counter | None = None
+    extents: Sequence[ReadExtent],
+    threads: int | None,
+    counted: Counter | None = None,
+    started: set[str] | None = None,
 ) -> None:
     if not extents:
         return
@@ -255,7 +273,7 @@ def _read_parallel(
     count = io_threads(threads)
     if count == 1 or total < SEQUENTIAL_BELOW:
         for run in _runs([p for e in ordered for p in _pieces(e)]):
-            _read_run(run, counted)
+            _read_run(run, counted, started)
         return
     errors: list[BaseException] = []
     failed = threading.Event()
@@ -265,7 +283,7 @@ def _read_parallel(
             for run in _runs([p for e in stretch for p in _pieces(e)]):
                 if failed.is_set():
                     return
-                _read_run(run, counted)
+                _read_run(run, counted, started)
         except BaseException as exc:
             errors.append(exc)
             failed.set()
@@ -287,10 +305,15 @@ def _read_parallel(
 def check_spans(
     spans: Sequence[Span], *, threads: int | None = None, batch: int = CHECK_BATCH
 ) -> None:
-    """Read each span into scratch memory and hand it to its hook, in parallel.
+    """Hand each span's bytes to its hook, in parallel, without copying them.
 
-    Spans are read in batches of at most ``batch`` bytes (a larger span alone), through one
-    reused buffer, so memory stays bounded by the larger of ``batch`` and the largest span.
+    The bytes are looked at where they already are, in the page cache, through read-only
+    mappings of at most ``batch`` bytes (or one larger span) at a time: hashing a mapping costs
+    the hash alone, while reading into scratch memory first costs a copy as well. Where a file
+    cannot be mapped, the bytes are read through a bounded scratch buffer instead.
+
+    Every file is checked to be long enough for its spans before any is mapped (a mapped page
+    past the end of a file is a fault, not an error).
 
     Raises:
         CorruptFileError: a file ended before a span's last byte.
@@ -299,11 +322,100 @@ def check_spans(
     """
     if not spans:
         return
+    ordered = sorted(spans, key=lambda s: (s.fd, s.offset))
+    sizes: dict[int, int] = {}
+    for span in ordered:
+        if span.fd not in sizes:
+            sizes[span.fd] = os.fstat(span.fd).st_size
+        if span.offset + span.nbytes > sizes[span.fd]:
+            raise _truncated(span, max(0, sizes[span.fd] - span.offset))
+    windows = _windows([s for s in ordered if s.nbytes], batch)
+    for span in ordered:
+        if not span.nbytes:
+            span.landed(memoryview(b""))
+    _in_parallel(windows, functools.partial(_check_window, batch=batch), threads)
+
+
+def _windows(spans: list[Span], batch: int) -> list[list[Span]]:
+    """Spans (in file order) grouped into runs of one file spanning at most ``batch`` bytes
+    (a larger span alone), each to be mapped at once."""
+    windows: list[list[Span]] = []
+    for span in spans:
+        first = windows[-1][0] if windows else None
+        if first is None or first.fd != span.fd or span.offset + span.nbytes - first.offset > batch:
+            windows.append([])
+        windows[-1].append(span)
+    return windows
+
+
+def _check_window(window: list[Span], batch: int) -> None:
+    start = window[0].offset - window[0].offset % mmap.ALLOCATIONGRANULARITY
+    end = max(span.offset + span.nbytes for span in window)
+    try:
+        mapping = mmap.mmap(window[0].fd, end - start, offset=start, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        # A file the system will not map (some network and FUSE file systems): read it.
+        _read_spans(window, 1, batch)
+        return
+    try:
+        if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+            mapping.madvise(mmap.MADV_WILLNEED)  # start reading ahead on a cold cache
+        with memoryview(mapping) as whole:
+            for span in window:
+                with whole[span.offset - start : span.offset - start + span.nbytes] as part:
+                    span.landed(part)
+    finally:
+        mapping.close()
+
+
+def _in_parallel(
+    items: list[list[Span]], work: Callable[[list[Span]], None], threads: int | None
+) -> None:
+    """Run ``work`` on every item, spread over threads; the first error is raised."""
+    count = min(io_threads(threads), len(items))
+    if count <= 1:
+        for item in items:
+            work(item)
+        return
+    pending = iter(items)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        while not errors:
+            with lock:
+                item = next(pending, None)
+            if item is None:
+                return
+            try:
+                work(item)
+            except BaseException as exc:
+                errors.append(exc)
+
+    helpers = [
+        threading.Thread(target=loop, name=f"torchkeep-check-{i}", daemon=True)
+        for i in range(count - 1)
+    ]
+    for helper in helpers:
+        helper.start()
+    loop()
+    for helper in helpers:
+        helper.join()
+    if errors:
+        raise errors[0]
+
+
+def _read_spans(spans: Sequence[Span], threads: int | None, batch: int) -> None:
+    """The spans read through one reused scratch buffer of at most ``batch`` bytes (or the
+    largest span), for files that cannot be mapped."""
+    spans = [s for s in spans if s.nbytes]
+    if not spans:
+        return
     largest = max(span.nbytes for span in spans)
     memory = memoryview(bytearray(max(min(batch, sum(s.nbytes for s in spans)), largest)))
     pending: list[ReadExtent] = []
     used = 0
-    for span in sorted(spans, key=lambda s: (s.fd, s.offset)):
+    for span in spans:
         if used + span.nbytes > memory.nbytes:
             read_extents(pending, threads=threads)
             pending, used = [], 0

@@ -17,7 +17,8 @@ import os
 import pickle
 import shutil
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +46,7 @@ from torchkeep.errors import (
 from torchkeep.formats.manifest import FORMAT, VERSION, read_manifest
 from torchkeep.formats.native import NativeCheckpoint, referenced_tensors
 from torchkeep.formats.tree import (
+    TAG,
     Flattener,
     Unflattener,
     UnsupportedValueError,
@@ -93,13 +95,26 @@ class StagingPool:
     training loop allocates them once; they are pinned when the source is on a GPU so the
     copies can run asynchronously. A pool serves one write at a time: the caller must not
     stage again before the previous write finished.
+
+    Attributes:
+        share: when set and it returns True for the tensors to stage, nothing is copied:
+            :meth:`stage` hands back the live tensors (contiguous, on the CPU) and sets
+            :attr:`shared`, for a caller that snapshots them another way (a forked writer,
+            :mod:`torchkeep.training.background`). The buffers are then let go.
+        shared: whether the last :meth:`stage` shared the live tensors instead of copying.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, share: Callable[[Mapping[str, torch.Tensor]], bool] | None = None) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self.share = share
+        self.shared = False
 
     def stage(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Copies of ``tensors`` in the pool's buffers, complete when this returns."""
+        self.shared = self.share is not None and self.share(tensors)
+        if self.shared:
+            self._buffers = {}
+            return {name: _to_cpu(t) for name, t in tensors.items()}
         staged: dict[str, torch.Tensor] = {}
         devices: set[torch.device] = set()
         for name, tensor in tensors.items():
@@ -332,42 +347,103 @@ def write_native(
 # ---------------------------------------------------------------------------------- read
 
 
+def _lazy_refs(ckpt: NativeCheckpoint, node: Any) -> dict[str, tuple[str, torch.Tensor]]:
+    """``{state name: (stored name, meta tensor)}`` for the plain tensors of a module entry's
+    value, which can be read straight into the module (none when the value is not a dict)."""
+    if not isinstance(node, dict) or TAG in node:
+        return {}
+    refs: dict[str, tuple[str, torch.Tensor]] = {}
+    for key, item in node.items():
+        if (
+            isinstance(item, dict)
+            and item.keys() == {TAG, "name"}
+            and item[TAG] == "tensor"
+            and isinstance(item["name"], str)
+        ):
+            placeholder = ckpt.placeholder(item["name"])
+            if placeholder is not None:
+                refs[key] = (item["name"], placeholder)
+    return refs
+
+
 def _decode_native(
-    path: Path, *, verify: bool, trust: bool, allow_globals: Iterable[str], rng: bool
+    ckpt: NativeCheckpoint,
+    targets: Mapping[str, object],
+    *,
+    verify: bool,
+    trust: bool,
+    allow_globals: Iterable[str],
+    rng: bool,
 ) -> tuple[dict[str, Any], Any]:
-    with NativeCheckpoint(path, verify=verify) as ckpt:
-        cache: list[list[object]] = []
-        if ckpt.manifest.get("objects") and not trust:
-            # Refused or read through the allowlist before anything else is read.
-            cache.append(ckpt.objects(trust=False, allow_globals=allow_globals))
+    """The checkpoint's entries and RNG state, as values to restore.
 
-        def objects() -> list[object]:
-            if not cache:
-                cache.append(ckpt.objects(trust, allow_globals))
-            return cache[0]
+    A module entry restoring a module target keeps its plain tensors in the checkpoint
+    (:class:`~torchkeep.training.state.StoredState`): they are read later, straight into the
+    module's own tensors. Every other tensor is read here, in one parallel batch. With
+    ``verify``, every tensor of the checkpoint, read or not, is checked before this returns,
+    so that a damaged one is found before any target changes.
+    """
+    path = ckpt.path
+    cache: list[list[object]] = []
+    if ckpt.manifest.get("objects") and not trust:
+        # Refused or read through the allowlist before anything else is read.
+        cache.append(ckpt.objects(trust=False, allow_globals=allow_globals))
 
-        # Every tensor the decode needs, read at once, in parallel across the shard files
-        # (and hashed as they land, with verify); a name the manifest lacks is left for the
-        # decode to report where the structure refers to it.
-        nodes = [ckpt.manifest["state"], ckpt.manifest.get("rng") if rng else None]
-        stored = ckpt.manifest["tensors"]
-        tensors = ckpt.read(n for n in referenced_tensors(nodes) if n in stored)
+    def objects() -> list[object]:
+        if not cache:
+            cache.append(ckpt.objects(trust, allow_globals))
+        return cache[0]
 
-        def tensor(name: str) -> torch.Tensor:
-            # The decoder asks once per name; the dict lets go of what it has handed out.
-            return tensors.pop(name) if name in tensors else ckpt.tensor(name)
+    lazy: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for name, entry in ckpt.manifest["state"].items():
+        if entry.get("kind") == "module" and isinstance(targets.get(name), torch.nn.Module):
+            refs = _lazy_refs(ckpt, entry.get("value"))
+            if refs:
+                lazy[name] = refs
+    # Every other tensor the decode needs, read at once, in parallel across the shard files
+    # (and hashed as they land, with verify); a name the manifest lacks is left for the
+    # decode to report where the structure refers to it.
+    nodes: list[Any] = [ckpt.manifest.get("rng") if rng else None]
+    for name, entry in ckpt.manifest["state"].items():
+        node = entry.get("value")
+        if name in lazy:
+            node = {k: v for k, v in node.items() if k not in lazy[name]}
+        nodes += [node, entry.get("module_metadata")]
+    stored = ckpt.manifest["tensors"]
+    tensors = ckpt.read(n for n in referenced_tensors(nodes) if n in stored)
 
-        decoder = Unflattener(tensor, objects, str(path))
-        values: dict[str, Any] = {}
-        for name, entry in ckpt.manifest["state"].items():
-            value = decoder.decode(entry.get("value"), name)
-            if entry.get("kind") == "module" and isinstance(value, dict):
-                meta = decoder.decode(entry.get("module_metadata"), name)
+    def tensor(name: str) -> torch.Tensor:
+        # The decoder asks once per name; the dict lets go of what it has handed out.
+        return tensors.pop(name) if name in tensors else ckpt.tensor(name)
+
+    decoder = Unflattener(tensor, objects, str(path))
+    values: dict[str, Any] = {}
+    for name, entry in ckpt.manifest["state"].items():
+        node = entry.get("value")
+        refs = lazy.get(name, {})
+        value: Any
+        if refs:
+            value = _state.StoredState(
+                {
+                    key: refs[key][1] if key in refs else decoder.decode(item, f"{name}.{key}")
+                    for key, item in node.items()
+                },
+                {key: stored for key, (stored, _) in refs.items()},
+                ckpt,
+            )
+        else:
+            value = decoder.decode(node, name)
+        if entry.get("kind") == "module" and isinstance(value, dict):
+            meta = decoder.decode(entry.get("module_metadata"), name)
+            if isinstance(value, _state.StoredState):
+                if isinstance(meta, dict) and meta:
+                    value._metadata = OrderedDict(meta)  # type: ignore[attr-defined]
+            else:
                 value = _state.module_state(value, meta if isinstance(meta, dict) else None)
-            values[name] = value
-        rng_state = decoder.decode(ckpt.manifest["rng"], "__rng__") if rng else None
-        if verify:
-            ckpt.verify_rest()
+        values[name] = value
+    rng_state = decoder.decode(ckpt.manifest["rng"], "__rng__") if rng else None
+    if verify:
+        ckpt.verify_rest()
     return values, rng_state
 
 
@@ -718,13 +794,22 @@ def restore_from(
     if not source.exists():
         raise CheckpointNotFoundError(f"no checkpoint at {str(source)!r}: the path does not exist")
     if source.is_dir():
-        values, rng_state = _decode_native(
-            source, verify=verify, trust=trust, allow_globals=allow_globals, rng=rng
-        )
-    else:
-        values, rng_state = _decode_torch(
-            source, targets, verify=verify, trust=trust, allow_globals=allow_globals, rng=rng
-        )
+        # Kept open while targets are restored: module tensors are read straight into them.
+        with NativeCheckpoint(source, verify=verify) as ckpt:
+            values, rng_state = _decode_native(
+                ckpt, targets, verify=verify, trust=trust, allow_globals=allow_globals, rng=rng
+            )
+            return _state.restore_all(
+                values,
+                targets,
+                strict=strict,
+                device=device,
+                where=str(source),
+                rng_state=rng_state,
+            )
+    values, rng_state = _decode_torch(
+        source, targets, verify=verify, trust=trust, allow_globals=allow_globals, rng=rng
+    )
     return _state.restore_all(
         values, targets, strict=strict, device=device, where=str(source), rng_state=rng_state
     )

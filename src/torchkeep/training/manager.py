@@ -10,11 +10,12 @@ folder, so a new manager after a restart governs the older checkpoints too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,7 @@ from torchkeep.errors import (
 )
 from torchkeep.io.recycle import BIN_NAME, RecycleBin
 from torchkeep.storage.remote import is_remote, local_path
+from torchkeep.training import background
 from torchkeep.training.checkpoint import (
     DEFAULT_SHARD_SIZE,
     Snapshot,
@@ -53,6 +55,8 @@ from torchkeep.training.retention import (
     to_delete,
 )
 from torchkeep.training.steps import LocalSteps, Location, RemoteSteps, Steps, checkpoints
+
+SnapshotMode = Literal["copy", "fork"]
 
 
 class CheckpointManager:
@@ -76,6 +80,17 @@ class CheckpointManager:
             (``.recycle.torchkeep``) until the next save overwrites them, which is several
             times faster than writing new files, at the cost of holding that much more disk
             space between saves. Local folders only.
+        snapshot: how a ``blocking=False`` save captures the tensors before it returns.
+            ``"copy"`` (the default) copies them into reusable staging buffers (pinned, for
+            GPU tensors). ``"fork"`` forks a low-priority writer process that sees the state
+            copy-on-write: the call blocks for ``fork()``, whose time grows with the
+            process's resident memory (about 30 ms per GB), and no second copy of the state
+            is kept; but while the writer lives, each page of the state that training writes
+            is first copied by the kernel, which costs more than the copy it spared (see
+            docs/performance.md). Choose it when the saved tensors are not written while the
+            save runs (saving before evaluation; frozen or EMA weights). It needs
+            ``os.fork`` (Linux, macOS), a local folder, CPU tensors and no ``allow_pickle``;
+            other saves copy.
 
     With no policy and no shortcut every checkpoint is kept. The newest checkpoint is never
     deleted. One process (in a distributed run: one job, every rank calling ``save`` and
@@ -101,6 +116,7 @@ class CheckpointManager:
         distributed: bool | None = None,
         storage_options: Mapping[str, Any] | None = None,
         recycle: bool = False,
+        snapshot: SnapshotMode = "copy",
     ) -> None:
         if not isinstance(directory, (str, os.PathLike)):
             raise InvalidStateError(
@@ -126,11 +142,20 @@ class CheckpointManager:
         self.mode: Mode = mode
         self.policy = self._policy(keep_last, keep_best, keep_every, policy)
         parse_size(max_shard_size)  # a bad size fails here, not in a background save
+        if snapshot not in ("copy", "fork"):
+            raise InvalidArgumentError(f"snapshot must be 'copy' or 'fork', got {snapshot!r}")
         self._max_shard_size = max_shard_size
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkeep-save")
+        # Background saves get a thread of their own at low priority (its write threads
+        # inherit it): beside a CPU-bound training loop it takes a small share of a core.
+        self._background = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="torchkeep-save", initializer=background.yield_cpu
+        )
         self._pending: Future[Location] | None = None
         self._lock = threading.RLock()
+        self._snapshot: SnapshotMode = snapshot
         self._staging = StagingPool()
+        self._writer: background.ForkedWrite | None = None  # the latest forked writer
         self._bin: RecycleBin | None = None
         if recycle:
             if not isinstance(self._steps, LocalSteps):
@@ -223,10 +248,12 @@ class CheckpointManager:
         """Save ``state`` as the checkpoint of ``step``, then apply retention.
 
         The state is captured before this returns: tensors are copied into reusable staging
-        buffers (pinned, for GPU tensors) and everything else is frozen into JSON, so
-        training may change them at once. The files are written by a background thread;
-        with ``blocking=True`` (the default) this waits for it. At most one save is in
-        flight: a new one first waits for the previous, and re-raises its error if it failed.
+        buffers (pinned, for GPU tensors), or seen copy-on-write by a forked writer process
+        (the manager's ``snapshot=``), and everything else is frozen into JSON, so training
+        may change them at once. The files are written in the background, at low CPU
+        priority, and committed by the manager's save thread; with ``blocking=True`` (the
+        default) this waits for the commit. At most one save is in flight: a new one first
+        waits for the previous, and re-raises its error if it failed.
 
         Args:
             step: the training step; the folder is ``step-{step:08d}``. Saving an existing
@@ -279,6 +306,7 @@ class CheckpointManager:
                 if blocking:
                     self._finish()
                 return self.path(step)
+            self._staging.share = None if blocking else self._forks(allow_pickle)
             snapshot = take_snapshot(
                 state,
                 step=step,
@@ -290,10 +318,64 @@ class CheckpointManager:
                 # tensors cannot change meanwhile: copying them first would only cost time.
                 staging=None if blocking else self._staging,
             )
-            self._pending = self._executor.submit(self._commit, snapshot, step)
+            if not blocking and self._staging.shared and not self._fork(snapshot, step):
+                self._staging.share = None  # fork() failed: copy after all
+                snapshot.tensors = self._staging.stage(snapshot.tensors)
+            if self._pending is None:
+                executor = self._executor if blocking else self._background
+                self._pending = executor.submit(self._commit, snapshot, step)
             if blocking:
                 self._finish()
         return self.path(step)
+
+    def _forks(self, allow_pickle: bool) -> Callable[[Mapping[str, torch.Tensor]], bool] | None:
+        """The staging pool's test of whether a background save forks its writer (None: never)."""
+        if (
+            self._snapshot == "copy"
+            or allow_pickle
+            or not isinstance(self._steps, LocalSteps)
+            or not background.available()
+        ):
+            return None
+        return background.forkable
+
+    def _fork(self, snapshot: Snapshot, step: int) -> bool:
+        """Start a forked writer of ``snapshot`` from the save thread; False if fork failed.
+
+        The fork happens in the background save thread, which lives as long as the manager,
+        because a child set to die with its parent dies with the thread that forked it.
+        """
+        target = Path(self.path(step))  # a local folder: see _forks
+        write = background.ForkedWrite(snapshot, target, self._max_shard_size, self._bin)
+        forked: Future[int] = Future()
+        pending = self._background.submit(self._commit_forked, write, step, forked)
+        try:
+            forked.result()
+        except OSError as exc:
+            warnings.warn(
+                f"could not fork a writer for step {step} ({exc}); copying the state instead",
+                TorchkeepWarning,
+                stacklevel=3,
+            )
+            with contextlib.suppress(OSError):
+                pending.result()
+            return False
+        self._pending, self._writer = pending, write
+        return True
+
+    def _commit_forked(
+        self, write: background.ForkedWrite, step: int, forked: Future[int]
+    ) -> Location:
+        try:
+            forked.set_result(write.start())
+        except BaseException as exc:
+            forked.set_exception(exc)
+            raise
+        try:
+            return self._commit(write.snapshot, step, write.commit)
+        except BaseException:
+            write.abandon()  # stops the child if the commit failed before waiting for it
+            raise
 
     def _uses_dcp(self, state: Mapping[str, object]) -> bool:
         if self._distributed is not None:
@@ -315,19 +397,21 @@ class CheckpointManager:
             self._group = dist.new_group(backend="gloo")
         return self._group
 
-    def _commit(self, snapshot: Snapshot, step: int) -> Location:
-        writer: Any = write_native
-        if isinstance(self._steps, LocalSteps):
-            # The newest other checkpoint: its unchanged frozen shards are hard-linked.
-            previous = next(
-                (
-                    Path(p)
-                    for s, p in reversed(self._steps.committed())
-                    if s != step and (Path(p) / MANIFEST).is_file()
-                ),
-                None,
-            )
-            writer = functools.partial(write_native, previous=previous, recycle=self._bin)
+    def _commit(self, snapshot: Snapshot, step: int, writer: Any = None) -> Location:
+        """Write (with ``writer``: a forked writer's commit) and commit, then retention."""
+        if writer is None:
+            writer = write_native
+            if isinstance(self._steps, LocalSteps):
+                # The newest other checkpoint: its unchanged frozen shards are hard-linked.
+                previous = next(
+                    (
+                        Path(p)
+                        for s, p in reversed(self._steps.committed())
+                        if s != step and (Path(p) / MANIFEST).is_file()
+                    ),
+                    None,
+                )
+                writer = functools.partial(write_native, previous=previous, recycle=self._bin)
         path = self._steps.write_native(snapshot, step, self._max_shard_size, writer)
         if self._bin is not None:
             self._bin.clear()  # what this save did not take is not worth keeping longer
@@ -487,6 +571,7 @@ class CheckpointManager:
                 self._finish()
             finally:
                 self._executor.shutdown(wait=True)
+                self._background.shutdown(wait=True)
 
     def __enter__(self) -> CheckpointManager:
         return self

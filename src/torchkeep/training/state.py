@@ -17,15 +17,18 @@ import dataclasses
 import random
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch.nn.parameter import is_lazy
 from torch.utils.data import DataLoader
 
 from torchkeep._common import unwrap
+from torchkeep._tensors import is_plain
 from torchkeep.errors import (
+    CheckpointReadError,
     CorruptFileError,
     InvalidStateError,
     KeyMismatchError,
@@ -34,6 +37,7 @@ from torchkeep.errors import (
 from torchkeep.formats.tree import map_tensors
 from torchkeep.safety.stubs import find_stubs, is_module_like, module_state_dict
 from torchkeep.weights.keys import plan_keys, strip_compile_segments
+from torchkeep.weights.loading import custom_modules, owner
 from torchkeep.weights.report import LoadReport, ShapeMismatch, refusal
 
 
@@ -107,6 +111,145 @@ def module_state(state: Mapping[str, Any], metadata: Mapping[str, Any] | None) -
     return out
 
 
+class TensorReader(Protocol):
+    """Reads stored tensors: into new tensors, or into existing ones (see
+    :meth:`torchkeep.formats.native.NativeCheckpoint.read_into`)."""
+
+    def read(self, names: Iterable[str], *, verify: bool | None = None) -> dict[str, Any]: ...
+
+    def read_into(
+        self, pairs: Sequence[tuple[str, torch.Tensor]], *, started: set[str] | None = None
+    ) -> None: ...
+
+
+class StoredState(OrderedDict[str, Any]):
+    """A module's saved state whose tensors are still in the checkpoint.
+
+    Each tensor is a meta tensor of the stored dtype and shape, so the state is checked
+    against a module (names, shapes) like a decoded one; :func:`read_stored` then reads the
+    bytes straight into the module's own tensors, instead of into new tensors that
+    ``load_state_dict`` would copy again.
+
+    Args:
+        items: the state, tensors as meta tensors.
+        stored: the stored tensor name behind each meta tensor, by state name.
+        reader: reads the stored tensors.
+    """
+
+    def __init__(
+        self, items: Mapping[str, Any], stored: Mapping[str, str], reader: TensorReader
+    ) -> None:
+        super().__init__(items)
+        self.stored = dict(stored)
+        self.reader = reader
+
+
+def _direct_target(dest: Any, saved: torch.Tensor) -> bool:
+    """A module tensor that ``load_state_dict`` would fill with a plain ``copy_``, and that
+    a read can fill instead."""
+    return (
+        type(dest) in (torch.Tensor, torch.nn.Parameter)
+        and is_plain(dest)
+        and not is_lazy(dest)
+        and dest.device.type != "meta"
+        and dest.shape == saved.shape
+    )
+
+
+def read_stored(
+    name: str, module: torch.nn.Module, saved: StoredState, *, before: Sequence[str] | None = None
+) -> OrderedDict[str, Any] | None:
+    """Read a :class:`StoredState` (already checked) for ``module``: the state left to load.
+
+    Tensors that torch's own ``load_state_dict`` would copy into the module's tensors
+    unchanged (those of submodules that do not customise loading) are read straight into
+    them, in one parallel batch, and handed back as the module's own tensors, which
+    ``load_state_dict`` then copies onto themselves: a no-op. Submodules that customise
+    loading (load hooks, their own ``_load_from_state_dict``, extra state) get new tensors,
+    so that ``load_state_dict`` treats them exactly as it would a decoded state. When no
+    submodule customises loading and every name was read in place, nothing is left for
+    ``load_state_dict`` to do (the names were checked before), and None is returned.
+
+    Args:
+        name: the entry's name, for messages.
+        module: the (unwrapped) module restored.
+        saved: the checked state.
+        before: when given, the targets restored before this one, and no other (which the
+            message of a failed read then states).
+
+    Raises:
+        CorruptFileError: a file changed while it was read (the message says which of the
+            module's tensors were overwritten).
+        CheckpointReadError: a read failed (the same).
+    """
+    own = module.state_dict(keep_vars=True)
+    custom = custom_modules(module, saved)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    direct: dict[str, tuple[str, torch.Tensor]] = {}
+    for key, value in saved.items():
+        if key not in saved.stored or swap or custom == [""] or owner(custom, key) is not None:
+            continue
+        dest = own.get(key)
+        if isinstance(dest, torch.Tensor) and _direct_target(dest, value):
+            direct[key] = (saved.stored[key], dest)
+    fresh = saved.reader.read([ref for key, ref in saved.stored.items() if key not in direct])
+    pairs: list[tuple[str, torch.Tensor]] = []
+    seen: set[tuple[str, int]] = set()
+    for ref, dest in direct.values():
+        if (ref, id(dest)) not in seen:  # tied names stored once: read once
+            seen.add((ref, id(dest)))
+            pairs.append((ref, dest))
+    started: set[str] = set()
+    try:
+        saved.reader.read_into(pairs, started=started)
+    except (CorruptFileError, OSError) as exc:
+        changed = [key for key, (ref, _) in direct.items() if ref in started]
+        raise _partly_read(name, module, changed, len(own), before, exc) from exc
+    if not custom and len(direct) == len(saved):
+        return None
+    state: OrderedDict[str, Any] = OrderedDict()
+    for key, value in saved.items():
+        if key in direct:
+            state[key] = direct[key][1]
+        elif key in saved.stored:
+            state[key] = fresh[saved.stored[key]]
+        else:
+            state[key] = value
+    metadata = getattr(saved, "_metadata", None)
+    if metadata is not None:
+        state._metadata = metadata  # type: ignore[attr-defined]
+    return state
+
+
+def _partly_read(
+    name: str,
+    module: torch.nn.Module,
+    changed: Sequence[str],
+    total: int,
+    before: Sequence[str] | None,
+    cause: BaseException,
+) -> Exception:
+    shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+    if before is None:
+        others = ""
+    elif before:
+        others = (
+            f"; the modules restored before it ({', '.join(repr(b) for b in before)}) hold the "
+            "checkpoint's values, and no other target was restored"
+        )
+    else:
+        others = "; no other target was restored"
+    message = (
+        f"reading checkpoint entry {name!r} into the {type(module).__name__} passed as {name}= "
+        f"failed: {cause}. The module is partly overwritten: {len(changed)} of its {total} "
+        f"tensors may hold bytes from the checkpoint ({shown or 'none'}), the others keep their "
+        f"values{others}. Restore it again, from this checkpoint once the file is readable or "
+        "from an earlier one, before using it."
+    )
+    kind = CorruptFileError if isinstance(cause, CorruptFileError) else CheckpointReadError
+    return kind(message)
+
+
 def _module_plan(
     name: str, target: torch.nn.Module, saved: Any, strict: bool
 ) -> OrderedDict[str, Any]:
@@ -147,6 +290,13 @@ def _module_plan(
     mapped: OrderedDict[str, Any] = OrderedDict(
         (dst, saved[src]) for dst, src in plan.pairs.items() if dst not in bad
     )
+    if isinstance(saved, StoredState):
+        stored = {
+            dst: saved.stored[src]
+            for dst, src in plan.pairs.items()
+            if dst not in bad and src in saved.stored
+        }
+        mapped = StoredState(mapped, stored, saved.reader)
     saved_meta = getattr(saved, "_metadata", None)
     own_meta = getattr(own, "_metadata", None)
     if saved_meta is not None and own_meta is not None:
@@ -213,7 +363,10 @@ def restore(name: str, target: object, saved: Any, strict: bool) -> tuple[bool, 
         the value to hand back (a dataclass or Namespace target shapes the value returned).
     """
     if isinstance(target, torch.nn.Module):
-        unwrap(target).load_state_dict(saved, strict=strict)
+        if isinstance(saved, StoredState):
+            saved = read_stored(name, unwrap(target), saved)
+        if saved is not None:  # None: read in place by read_stored, nothing left to load
+            unwrap(target).load_state_dict(saved, strict=strict)
         return True, None
     if isinstance(target, torch.Tensor):
         with torch.no_grad():
@@ -280,6 +433,14 @@ def restore_all(
         for name, target in targets.items()
         if name not in loaders
     }
+    # Modules whose tensors are still in the checkpoint read them first, so that a read that
+    # fails (a file changed under the reader) leaves every other target as it was.
+    read: list[str] = []
+    for name, target in targets.items():
+        saved = checked.get(name)
+        if isinstance(target, torch.nn.Module) and isinstance(saved, StoredState):
+            checked[name] = read_stored(name, unwrap(target), saved, before=read)
+            read.append(name)
     move = device is not None and torch.device(device).type != "cpu"
     out: dict[str, Any] = {}
     for name, value in values.items():
