@@ -43,15 +43,15 @@ from typing import Any
 
 import torch
 
-from torchkeep._common import MANIFEST, parse_size
-from torchkeep._tensors import dtype_name, is_plain
+from torchkeep._common import parse_size
+from torchkeep._tensors import is_plain
 from torchkeep.errors import CheckpointWriteError
 from torchkeep.formats._base import WriteRequest
 from torchkeep.formats.safetensors import file_plan
 from torchkeep.io.recycle import RecycleBin
 from torchkeep.io.write import FilePlan, Slot, write_files
-from torchkeep.storage.local import atomic_dir, disk_error, temp_sibling
-from torchkeep.training.checkpoint import Snapshot, _undo, _write_error
+from torchkeep.storage.local import temp_sibling
+from torchkeep.training.checkpoint import Snapshot, commit_folder, seal, tensor_record, write_error
 from torchkeep.training.shards import plan_shards, shard_name
 
 NICE = 10
@@ -133,16 +133,7 @@ def plan(
         if recycle is not None and recycle.take(planned.size, planned.path):
             planned.reuse = True
         orders.append(_order(planned, tensors))
-        entries = {
-            name: {
-                "file": file,
-                "dtype": dtype_name(t.dtype),
-                "shape": list(t.shape),
-                "nbytes": t.numel() * t.element_size(),
-            }
-            for name, t in tensors.items()
-        }
-        shards.append(_Shard(file, entries))
+        shards.append(_Shard(file, {name: tensor_record(file, t) for name, t in tensors.items()}))
     return shards, orders
 
 
@@ -332,7 +323,7 @@ class ForkedWrite:
         if report.get("errno") is not None:
             failed = OSError(report["errno"], report.get("strerror") or detail)
             failed.filename = report.get("filename") or None
-            raise _write_error(failed, self.target) from None
+            raise write_error(failed, self.target) from None
         raise CheckpointWriteError(
             f"the background writer of {where} failed: {detail}; nothing was committed and "
             "earlier checkpoints are untouched"
@@ -354,31 +345,22 @@ class ForkedWrite:
         except BaseException:
             self.abandon()
             raise
-        manifest = dict(snapshot.manifest)
-        manifest["tensors"] = {
+        records = {
             name: {**entry, "xxh3": checksums[name]}
             for shard, checksums in zip(shards, sums, strict=True)
             for name, entry in shard.entries.items()
         }
+
+        def fill(temp: Path) -> None:
+            # The child's folder takes the place of the empty one made for the commit.
+            os.replace(self.folder, temp)
+            seal(temp, snapshot, records, [s.file for s in shards])
+
         try:
-            with atomic_dir(target) as temp:
-                # The child's folder takes the place of the empty one made for the commit.
-                os.replace(self.folder, temp)
-                manifest["files"] = {
-                    s.file: {"bytes": (temp / s.file).stat().st_size} for s in shards
-                }
-                text = json.dumps(manifest, indent=1, allow_nan=False).encode()
-                # Written last: a folder holding checkpoint.json is complete.
-                with open(temp / MANIFEST, "xb") as f:
-                    f.write(text)
-        except BaseException as exc:
+            return commit_folder(target, snapshot, fill)
+        except BaseException:
             self.discard()
-            undone = _undo(target, snapshot.manifest["id"])
-            disk = disk_error(exc)
-            if disk is not None:
-                raise _write_error(disk, target, undone) from disk
             raise
-        return target
 
     def abandon(self) -> None:
         """Stop the writer and remove what it wrote (nothing was committed)."""

@@ -12,6 +12,7 @@ temporary name and renamed into place only when complete, so a folder without
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pickle
@@ -226,20 +227,41 @@ def _fill(
         previous=previous,
         recycle=recycle,
     )
-    names, sums = shards.files, shards.checksums
-    manifest = dict(snapshot.manifest)
-    manifest["tensors"] = {
-        name: {
-            "file": file,
-            "dtype": dtype_name(t.dtype),
-            "shape": list(t.shape),
-            "nbytes": t.numel() * t.element_size(),
-            "xxh3": checksums[name],
-        }
-        for file, shard, checksums in zip(names, shards.shards, sums, strict=True)
+    records = {
+        name: tensor_record(file, t, checksums[name])
+        for file, shard, checksums in zip(
+            shards.files, shards.shards, shards.checksums, strict=True
+        )
         for name, t in shard.items()
     }
-    manifest["files"] = {n: {"bytes": (folder / n).stat().st_size} for n in names}
+    return seal(folder, snapshot, records, shards.files)
+
+
+def tensor_record(file: str, tensor: torch.Tensor, checksum: str | None = None) -> dict[str, Any]:
+    """A tensor's record in the manifest: its shard file, dtype, shape, size and checksum."""
+    record: dict[str, Any] = {
+        "file": file,
+        "dtype": dtype_name(tensor.dtype),
+        "shape": list(tensor.shape),
+        "nbytes": tensor.numel() * tensor.element_size(),
+    }
+    if checksum is not None:
+        record["xxh3"] = checksum
+    return record
+
+
+def seal(
+    folder: Path, snapshot: Snapshot, records: Mapping[str, Any], files: Iterable[str]
+) -> dict[str, Any]:
+    """Finish a checkpoint folder whose shard ``files`` are written: the pickled objects, if
+    any, then the manifest, written last (a folder holding ``checkpoint.json`` is complete).
+
+    Returns:
+        The manifest written.
+    """
+    manifest = dict(snapshot.manifest)
+    manifest["tensors"] = dict(records)
+    manifest["files"] = {n: {"bytes": (folder / n).stat().st_size} for n in files}
     if snapshot.objects is not None:
         _write_file(folder / OBJECTS, [memoryview(snapshot.objects)])
         manifest["objects"] = {
@@ -248,7 +270,6 @@ def _fill(
             "xxh3": xxhash.xxh3_64_hexdigest(snapshot.objects),
         }
     text = json.dumps(manifest, indent=1, allow_nan=False).encode()
-    # Written last: a folder holding checkpoint.json is complete.
     _write_file(folder / MANIFEST, [memoryview(text)])
     return manifest
 
@@ -286,7 +307,9 @@ def _undo(path: Path, save_id: str) -> bool:
     return True
 
 
-def _write_error(exc: OSError, target: Path, undone: bool = True) -> CheckpointWriteError:
+def write_error(exc: OSError, target: Path, undone: bool = True) -> CheckpointWriteError:
+    """The disk's refusal ``exc`` while writing checkpoint ``target``, typed; the message
+    says whether earlier checkpoints are untouched (``undone``)."""
     where = f" (while writing {exc.filename})" if exc.filename else ""
     outcome = (
         "nothing was committed and earlier checkpoints are untouched"
@@ -332,14 +355,32 @@ def write_native(
             "replace it: choose a new folder"
         )
     max_bytes = parse_size(max_shard_size)
+    return commit_folder(
+        target,
+        snapshot,
+        functools.partial(
+            _fill, snapshot=snapshot, max_bytes=max_bytes, previous=previous, recycle=recycle
+        ),
+    )
+
+
+def commit_folder(target: Path, snapshot: Snapshot, fill: Callable[[Path], object]) -> Path:
+    """Commit a checkpoint folder at ``target``: ``fill`` writes it whole into a temporary
+    folder, which then replaces ``target`` in one step (see ``atomic_dir``).
+
+    Raises:
+        CheckpointWriteError: the disk refused a write or fsync; nothing was committed (or,
+            where the new folder could not be taken back after its rename, the message
+            says so).
+    """
     try:
         with atomic_dir(target) as temp:
-            _fill(temp, snapshot, max_bytes, previous, recycle)
+            fill(temp)
     except BaseException as exc:
         undone = _undo(target, snapshot.manifest["id"])
         disk = disk_error(exc)
         if disk is not None:
-            raise _write_error(disk, target, undone) from disk
+            raise write_error(disk, target, undone) from disk
         raise
     return target
 
@@ -615,7 +656,7 @@ def _save_torch(
         disk = disk_error(exc)
         if disk is None:
             raise
-        raise _write_error(disk, path) from disk
+        raise write_error(disk, path) from disk
 
 
 def save_checkpoint(
