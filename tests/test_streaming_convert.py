@@ -3,7 +3,9 @@ whole-state path writes them, and every output loading to what ``torch.load`` re
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -15,11 +17,14 @@ import torch
 from conftest import assert_convert_streams, write_big_state
 
 import torchkeep as tk
+from torchkeep._tensors import byte_view
 from torchkeep.errors import CorruptFileError
 from torchkeep.formats import torch_zip_stream
-from torchkeep.formats._base import OpenOptions
+from torchkeep.formats._base import OpenOptions, Source
 from torchkeep.formats.registry import open_source
+from torchkeep.formats.torch_pickle import TorchZipSource
 from torchkeep.io.read import ReadExtent, read_extents
+from torchkeep.safety.torch_files import Record
 from torchkeep.tools import convert as convert_module
 
 
@@ -263,7 +268,7 @@ def test_chunked_copies_write_what_whole_tensors_write(
     # Every tensor's bytes went through the chunk buffer, many chunks each for the big one.
     assert max(reads) <= _TINY_CHUNK
     assert len(reads) > 400_000 * 4 // _TINY_CHUNK
-    monkeypatch.setattr(convert_module._Writer, "_run", lambda *args: None)
+    monkeypatch.setattr(convert_module._Writer, "_stretch", lambda *args: None)
     tk.convert(chunk_sources[source], whole, durable=False, **extra)  # type: ignore[arg-type]
     assert _files(chunked) == _files(whole)
 
@@ -297,6 +302,86 @@ def test_only_views_that_are_not_one_stretch_are_read_whole(
     # are read whole; the contiguous view at an offset into a shared storage ("rows") is not.
     tk.convert(sources["pt"], tmp_path / "b.safetensors", durable=False)
     assert sorted(whole) == ["cols", "empty", "step"]
+
+
+def _stretched(source: Source, entry: str, name: str) -> bytes | None:
+    """The bytes ``source.stretch`` places ``name`` at, read from the file it names."""
+    stretch = source.stretch(entry, name)
+    if stretch is None:
+        return None
+    assert stretch.dtype == getattr(torch, source.entries()[entry][name].dtype), name
+    assert Path(stretch.path).is_file(), name
+    data = os.pread(stretch.fd, stretch.nbytes, stretch.offset)
+    assert len(data) == stretch.nbytes, name
+    return data
+
+
+@pytest.mark.parametrize(
+    ("source", "not_one_stretch"),
+    [
+        ("safetensors", set()),
+        ("sharded", set()),
+        # Non-contiguous views, and the empty tensor (it has no record); the contiguous view
+        # at an offset into a shared storage ("rows") and the tie are stretches.
+        ("pt", {"cols", "step", "empty"}),
+        ("torch shards", {"cols", "step", "empty"}),
+    ],
+)
+def test_a_stretch_holds_the_bytes_get_reads(
+    chunk_sources: dict[str, Path], source: str, not_one_stretch: set[str]
+) -> None:
+    with open_source(chunk_sources[source], OpenOptions(mmap=True)) as reader:
+        (entry,) = reader.entries()
+        names = list(reader.entries()[entry])
+        assert {"weight", "tied", "rows", "big"} <= set(names)
+        missing = set()
+        for name in names:
+            data = _stretched(reader, entry, name)
+            if data is None:
+                missing.add(name)
+                continue
+            tensor = reader.get(entry, name)
+            assert tensor.is_contiguous(), name
+            assert data == bytes(byte_view(tensor)), name
+        assert missing == not_one_stretch
+
+
+@pytest.mark.parametrize(
+    ("source", "options"),
+    [
+        ("legacy", OpenOptions(mmap=True)),  # unpickled whole
+        ("pt", OpenOptions()),  # read without a mapping
+        ("pt", OpenOptions(mmap=True, trust=True)),  # trusted loads are read whole
+    ],
+    ids=["legacy", "unmapped", "trusted"],
+)
+def test_sources_read_whole_have_no_stretch(
+    tmp_path: Path, sources: dict[str, Path], source: str, options: OpenOptions
+) -> None:
+    if source == "legacy":
+        sources = {"legacy": tmp_path / "legacy.pt"}
+        torch.save(_awkward_state(), sources["legacy"], _use_new_zipfile_serialization=False)
+    with open_source(sources[source], options) as reader:
+        names = reader.entries()[""]
+        assert "weight" in names
+        assert all(reader.stretch("", name) is None for name in names)
+
+
+def test_a_view_past_its_record_is_refused_by_stretch_as_by_get(
+    sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_source(sources["pt"], OpenOptions(mmap=True)) as reader:
+        assert isinstance(reader, TorchZipSource)
+        real = reader._record
+
+        def shrunk(tensor: torch.Tensor) -> Record | None:
+            record = real(tensor)
+            return None if record is None else dataclasses.replace(record, nbytes=4)
+
+        monkeypatch.setattr(reader, "_record", shrunk)
+        for read in (reader.get, reader.stretch):
+            with pytest.raises(CorruptFileError, match="views bytes 0 to 1600000"):
+                read("", "big")
 
 
 @pytest.mark.parametrize("output", ["out.safetensors", "shards"])

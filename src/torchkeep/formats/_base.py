@@ -47,6 +47,30 @@ class OpenOptions:
         return self.device == "meta"
 
 
+@dataclass(frozen=True)
+class Stretch:
+    """Where a tensor's bytes lie as one unbroken stretch of a source's file, in the order a
+    contiguous tensor holds them: ``nbytes`` from ``offset`` in the open file ``fd``.
+
+    ``fd`` belongs to the source and stays open until the source is closed; ``path`` names
+    the file in messages. The bytes are the file's, unchecked: a reader checks what it reads
+    (the file may end before them).
+
+    Attributes:
+        fd: the source's open file.
+        offset: where the bytes start in it.
+        nbytes: how many there are.
+        dtype: the dtype they are stored as.
+        path: the file, for messages.
+    """
+
+    fd: int
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    path: str
+
+
 class Source:
     """An opened file: its entries, their tensors, and what else it holds.
 
@@ -77,6 +101,21 @@ class Source:
     def get(self, entry: str, name: str) -> torch.Tensor:
         """Read one tensor."""
         raise NotImplementedError
+
+    def stretch(self, entry: str, name: str) -> Stretch | None:
+        """Where ``name``'s bytes lie, when they are one unbroken stretch of the file.
+
+        A reader can then copy them a piece at a time, without reading the whole tensor.
+
+        Returns:
+            The stretch, or None where the bytes are not one stretch of a file (a
+            non-contiguous view, a tensor without bytes in the file, a file read whole).
+
+        Raises:
+            CorruptFileError: the file places the bytes where they cannot be (a view that
+                runs past the record holding it), as the source's own reads would say.
+        """
+        return None
 
     def values(self, entry: str) -> dict[str, Any]:
         """Non-tensor values stored under state-dict names beside ``entry``'s tensors.

@@ -27,7 +27,7 @@ from torchkeep._tensors import (
     check_saveable,
 )
 from torchkeep.errors import ChecksumError
-from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.formats._base import OpenOptions, Source, Stretch, WriteRequest
 from torchkeep.formats.safetensors_header import (
     ALIASES_KEY,
     CHECKSUMS_KEY,
@@ -133,6 +133,13 @@ class SafetensorsSource(Source):
         stored, spec = self._stored(name)
         offset = self._data_start + spec.begin
         return Span(self._fd, offset, spec.end - spec.begin, self.path, stored, landed)
+
+    def stretch(self, entry: str, name: str) -> Stretch:
+        """Where ``name``'s bytes lie in the file: every stored tensor is one stretch of it
+        (an alias, the stretch of the tensor it names)."""
+        stored, spec = self._stored(name)
+        offset = self._data_start + spec.begin
+        return Stretch(self._fd, offset, spec.end - spec.begin, self._dtypes[stored], self.path)
 
     def _checker(self, stored: str) -> Landed | None:
         """A hook that checks ``stored``'s bytes against its recorded xxh3 (None: none kept)."""

@@ -19,7 +19,7 @@ import torch
 from torchkeep._common import group_by_size
 from torchkeep._facts import TensorInfo
 from torchkeep.errors import CheckpointNotFoundError, CorruptFileError, UnsafeFileError
-from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.formats._base import OpenOptions, Source, Stretch, WriteRequest
 from torchkeep.formats.safetensors import SafetensorsFormat, SafetensorsSource, check_storable
 from torchkeep.io._sys import io_threads
 from torchkeep.io.read import ReadExtent, read_extents
@@ -170,6 +170,11 @@ class ShardedSource(Source):
     def get(self, entry: str, name: str) -> torch.Tensor:
         shard = self._shard(self._weight_map[name])
         return shard.get(self._entry_of(shard), name)
+
+    def stretch(self, entry: str, name: str) -> Stretch | None:
+        """Where ``name``'s bytes lie in the shard that holds it (see :meth:`Source.stretch`)."""
+        shard = self._shard(self._weight_map[name])
+        return shard.stretch(self._entry_of(shard), name)
 
     def read_into(self, entry: str, name: str, dest: torch.Tensor) -> None:
         shard = self._shard(self._weight_map[name])

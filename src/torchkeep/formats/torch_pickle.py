@@ -18,7 +18,7 @@ import torch
 
 from torchkeep._tensors import byte_view, check_saveable, find_aliases, is_plain, tensor_info
 from torchkeep.errors import CorruptFileError, UnknownFormatError
-from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.formats._base import OpenOptions, Source, Stretch, WriteRequest
 from torchkeep.io.positional import BINARY
 from torchkeep.io.read import ReadExtent, read_extents
 from torchkeep.safety.rules import SafeRules
@@ -230,6 +230,23 @@ class TorchZipSource(PickleSource):
         """Whether :meth:`get` reads ``name`` from its record into new memory of its own
         (otherwise it returns the pickle's tensor, which may share a storage with others)."""
         return self._record(self._tensors[entry][name]) is not None
+
+    def stretch(self, entry: str, name: str) -> Stretch | None:
+        """Where ``name``'s bytes lie, for a contiguous tensor :meth:`get` reads fresh: its
+        span in the record behind its storage (the record checked as :meth:`get` checks it).
+
+        Returns None for a non-contiguous view and for a tensor without a record to read it
+        from (an empty one, or any in a file read without a mapping).
+
+        Raises:
+            CorruptFileError: the view runs past its record.
+        """
+        tensor = self._tensors[entry][name]
+        record = self._record(tensor)
+        if record is None or not tensor.is_contiguous():
+            return None
+        offset, length = self._span(name, tensor, record)
+        return Stretch(self._file(), offset, length, tensor.dtype, self.path)
 
     def get(self, entry: str, name: str) -> torch.Tensor:
         tensor = self._tensors[entry][name]

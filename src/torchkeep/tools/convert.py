@@ -54,7 +54,7 @@ from torchkeep.errors import (
     InvalidStateError,
     UnsupportedTensorError,
 )
-from torchkeep.formats._base import OpenOptions, Source, WriteRequest
+from torchkeep.formats._base import OpenOptions, Source, Stretch, WriteRequest
 from torchkeep.formats.registry import SAFETENSORS, SHARDED, TORCH_ZIP, for_writing, open_source
 from torchkeep.formats.safetensors import SafetensorsSource, build_header, check_storable
 from torchkeep.formats.safetensors_header import ALIASES_KEY, CHECKSUMS_KEY
@@ -128,21 +128,6 @@ class _Planned:
         for dim in self.shape:
             count *= dim
         return count * self.dtype.itemsize
-
-
-@dataclass(frozen=True)
-class _Run:
-    """Where a source tensor's bytes lie: ``nbytes`` from ``offset`` in the open file ``fd``."""
-
-    fd: int
-    offset: int
-    nbytes: int
-    dtype: torch.dtype
-    path: str
-
-
-def _located(data: memoryview) -> None:
-    """The hook of a span asked for only to say where its bytes lie; it is never read."""
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -454,31 +439,9 @@ class _Writer:
             return out
         return self.reader.get(self.entry, spec.old)
 
-    def _run(self, source: Source, entry: str, name: str) -> _Run | None:
-        """Where ``name``'s bytes lie in ``source``, when they are one stretch of its file:
-        in a safetensors file (or one of a folder's shards), or in a torch zip record read
-        fresh, for a contiguous tensor (a record checked against the zip's directory, and
-        the view's bytes checked to lie inside it).
-
-        Sharded and torch zip sources keep where a tensor lies to themselves; this asks them
-        through the same lookups and checks their own reads make (the shard that holds a
-        name, the record behind a tensor's storage and the view's span in it).
-        """
-        if isinstance(source, ShardedSource):
-            shard = source._shard(source._weight_map[name])
-            return self._run(shard, source._entry_of(shard), name)
-        dtype = getattr(torch, source.entries()[entry][name].dtype)
-        if isinstance(source, SafetensorsSource):
-            span = source.span(name, _located)
-            return _Run(span.fd, span.offset, span.nbytes, dtype, source.path)
-        if isinstance(source, TorchZipSource) and source.reads_fresh(entry, name):
-            tensor = source._tensors[entry][name]
-            record = source._record(tensor)
-            if record is None or not tensor.is_contiguous():
-                return None
-            offset, length = source._span(name, tensor, record)
-            return _Run(source._file(), offset, length, dtype, source.path)
-        return None
+    def _stretch(self, name: str) -> Stretch | None:
+        """Where source tensor ``name``'s bytes lie, when they are one stretch of its file."""
+        return self.reader.stretch(self.entry, name)
 
     def _buffer(self, which: int) -> torch.Tensor:
         """One of the two chunk buffers (source bytes, cast bytes), made once and reused."""
@@ -486,29 +449,29 @@ class _Writer:
             self._buffers.append(fresh_bytes(max(CHUNK_BYTES, 16)))
         return self._buffers[which]
 
-    def _chunks(self, name: str, run: _Run) -> Iterator[memoryview]:
-        """``name``'s output bytes, read from ``run`` a chunk at a time and cast chunk by
+    def _chunks(self, name: str, stretch: Stretch) -> Iterator[memoryview]:
+        """``name``'s output bytes, read from ``stretch`` a chunk at a time and cast chunk by
         chunk; each view is valid until the next one is asked for."""
         spec = self.plan[name]
         count = 1
         for dim in spec.shape:
             count *= dim
-        if run.nbytes != count * run.dtype.itemsize:
+        if stretch.nbytes != count * stretch.dtype.itemsize:
             raise CorruptFileError(
-                f"tensor {spec.old!r} in {self.reader.path!r} holds {run.nbytes} bytes, but "
-                f"the file's header says shape {list(spec.shape)} of {run.dtype} "
-                f"({count * run.dtype.itemsize} bytes)"
+                f"tensor {spec.old!r} in {self.reader.path!r} holds {stretch.nbytes} bytes, but "
+                f"the file's header says shape {list(spec.shape)} of {stretch.dtype} "
+                f"({count * stretch.dtype.itemsize} bytes)"
             )
         source = self._buffer(0)
-        step = max(1, source.numel() // max(run.dtype.itemsize, spec.dtype.itemsize))
+        step = max(1, source.numel() // max(stretch.dtype.itemsize, spec.dtype.itemsize))
         for start in range(0, count, step):
             n = min(step, count - start)
-            data = source[: n * run.dtype.itemsize]
-            where = run.offset + start * run.dtype.itemsize
-            read_extents([ReadExtent(run.fd, where, byte_view(data), run.path, spec.old)])
-            if spec.dtype != run.dtype:
+            data = source[: n * stretch.dtype.itemsize]
+            where = stretch.offset + start * stretch.dtype.itemsize
+            read_extents([ReadExtent(stretch.fd, where, byte_view(data), stretch.path, spec.old)])
+            if spec.dtype != stretch.dtype:
                 cast = self._buffer(1)[: n * spec.dtype.itemsize].view(spec.dtype)
-                data = cast.copy_(data.view(run.dtype)).view(torch.uint8)
+                data = cast.copy_(data.view(stretch.dtype)).view(torch.uint8)
             yield byte_view(data)
 
     def fetch(self, name: str) -> Iterator[memoryview]:
@@ -517,9 +480,9 @@ class _Writer:
         spec = self.plan[name]
         info = self.reader.entries()[self.entry][spec.old]
         if info.layout == "strided" and FLOAT4 not in (getattr(torch, info.dtype), spec.dtype):
-            run = self._run(self.reader, self.entry, spec.old)
-            if run is not None:
-                return self._chunks(name, run)
+            stretch = self._stretch(spec.old)
+            if stretch is not None:
+                return self._chunks(name, stretch)
         tensor = self.tensor(name)
         check_saveable(spec.old, tensor)
         return iter([byte_view(tensor)])
