@@ -13,7 +13,6 @@ import itertools
 import json
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -178,36 +177,6 @@ def test_recycled_files_are_overwritten_and_cut_to_length(tmp_path: Path, parall
         write_files([plan])
         assert path.stat().st_ino == inode
         assert path.read_bytes() == reference_bytes(state)
-
-
-@pytest.mark.parametrize("files", [1, 2])
-def test_one_file_is_hashed_beside_its_writer(
-    tmp_path: Path, parallel: None, monkeypatch: pytest.MonkeyPatch, files: int
-) -> None:
-    """With threads to spare, a hashing thread runs beside the writer; else writers hash."""
-    monkeypatch.setenv("TORCHKEEP_IO_THREADS", "2")
-    hashed_by: set[str] = set()
-    real_hash = write_module._hash
-
-    def spy(hasher: Any, view: memoryview) -> None:
-        hashed_by.add(threading.current_thread().name)
-        real_hash(hasher, view)
-
-    monkeypatch.setattr(write_module, "_hash", spy)
-    states = [mixed_state(seed) for seed in range(files)]
-    plans = [
-        file_plan(WriteRequest(s, order=tuple(s)), tmp_path / f"f{i}.safetensors")
-        for i, s in enumerate(states)
-    ]
-    written = write_files(plans)
-    for i, (state, sums) in enumerate(zip(states, written, strict=True)):
-        assert sums == {name: xxh3(t) for name, t in state.items()}
-        assert (tmp_path / f"f{i}.safetensors").read_bytes() == reference_bytes(state)
-    if files == 1:
-        assert hashed_by == {"torchkeep-hash-0"}
-    else:
-        assert hashed_by <= {threading.main_thread().name, "torchkeep-write-0"}
-        assert not any(name.startswith("torchkeep-hash") for name in hashed_by)
 
 
 def test_data_starts_aligned_as_tensor_memory_is(tmp_path: Path) -> None:

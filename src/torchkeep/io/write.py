@@ -8,9 +8,8 @@ last into the space left for it. Nothing is staged in an intermediate buffer. A 
 blocks are reserved before the first write (``fallocate``), which makes the copies into the
 page cache cheaper and refuses a full disk before any byte is copied.
 
-Checksums are computed as the bytes go out: by a hashing thread beside the writer when there
-are threads to spare (one file: the hashing then costs no time of its own), otherwise by each
-writer just before it writes a chunk (the bytes are then still in the CPU cache for the copy).
+Checksums are computed as the bytes go out: each writer hashes a chunk just before it writes
+it, so the copy into the page cache finds the bytes still in the CPU cache.
 
 Several files (the shards of a checkpoint) are written by several threads at once, one thread
 per file: a buffered write holds the file's inode lock on Linux filesystems, so two threads
@@ -226,14 +225,13 @@ def _file_steps(plan: FilePlan, hashers: Mapping[str, xxhash.xxh3_64 | None]) ->
 
 
 class _Writer:
-    """Threads that each write whole files.
+    """Threads that each write whole files, hashing every chunk just before writing it.
 
     One file never has two writers: a buffered write holds the file's inode lock, so a second
-    writer would only wait for it; files, though, are written side by side. When there are
-    threads to spare (fewer files than half the threads: a single file, typically), each file
-    also gets a hashing thread that runs beside its writer, so the checksums cost no time of
-    their own; otherwise every writer hashes each chunk just before writing it, which leaves
-    the chunk in the CPU cache for the copy into the page cache.
+    writer would only wait for it; files, though, are written side by side. Hashing a chunk
+    right before writing it leaves the chunk in the CPU cache for the copy into the page
+    cache, which measured as fast as hashing in a thread beside the writer, with one thread
+    fewer (see docs/performance.md).
     """
 
     def __init__(
@@ -243,14 +241,11 @@ class _Writer:
         hashers: list[dict[str, xxhash.xxh3_64 | None]],
         durable: bool,
         counted: Counter | None = None,
-        *,
-        hash_apart: bool = False,
     ) -> None:
         self._counted = counted
         self._plans = plans
         self._fds = fds
         self._steps = [_file_steps(p, h) for p, h in zip(plans, hashers, strict=True)]
-        self.hash_apart = hash_apart
         # Largest first, so that the last file to start is a short one.
         self._files = sorted(range(len(plans)), key=lambda i: -plans[i].size)
         self._durable = durable and start_writeback is not None
@@ -262,20 +257,6 @@ class _Writer:
             if self.error is not None or not self._files:
                 return None
             return self._files.pop(0)
-
-    def hash_file(self, file: int) -> None:
-        """Hash every chunk of ``file`` in order (the thread beside its writer)."""
-        try:
-            for step in self._steps[file]:
-                if self.error is not None:
-                    return
-                for view, hasher in zip(step.views, step.hashers, strict=True):
-                    if hasher is not None:
-                        _hash(hasher, view)
-        except BaseException as exc:
-            with self._lock:
-                if self.error is None:
-                    self.error = _with_path(exc, self._plans[file].path)
 
     def run(self) -> None:
         file: int | None = None
@@ -294,10 +275,9 @@ class _Writer:
         for step in self._steps[file]:
             if self.error is not None:
                 return  # another thread failed: the whole write is abandoned
-            if not self.hash_apart:
-                for view, hasher in zip(step.views, step.hashers, strict=True):
-                    if hasher is not None:
-                        _hash(hasher, view)
+            for view, hasher in zip(step.views, step.hashers, strict=True):
+                if hasher is not None:
+                    _hash(hasher, view)
             pwrite_all(fd, step.views, step.offset)
             if self._counted is not None:
                 self._counted(step.end - step.offset)
@@ -325,19 +305,11 @@ def _write_parallel(
             {s.name: None if s.name in plan.known else xxhash.xxh3_64() for s in plan.slots}
             for plan in plans
         ]
-        hash_apart = 2 * len(plans) <= threads
-        writer = _Writer(plans, fds, hashers, durable, counted, hash_apart=hash_apart)
+        writer = _Writer(plans, fds, hashers, durable, counted)
         helpers = [
             threading.Thread(target=writer.run, name=f"torchkeep-write-{i}", daemon=True)
             for i in range(min(threads, len(plans)) - 1)
         ]
-        if hash_apart:
-            helpers += [
-                threading.Thread(
-                    target=writer.hash_file, args=(i,), name=f"torchkeep-hash-{i}", daemon=True
-                )
-                for i in range(len(plans))
-            ]
         for helper in helpers:
             helper.start()
         writer.run()
