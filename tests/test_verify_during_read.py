@@ -115,12 +115,17 @@ def test_check_spans_hands_every_hook_its_bytes_once(
 ) -> None:
     file = tmp_path / "model.safetensors"
     tk.save(_model(0), file)
+    _check_every_span(file, threads=threads, batch=batch)
+
+
+def _check_every_span(file: Path, **options: int) -> None:
+    """``check_spans`` over every tensor of ``file`` hands each hook the file's bytes, once."""
     raw = file.read_bytes()
     seen: dict[str, bytes] = {}
     fd = os.open(file, os.O_RDONLY)
     try:
         spans = _spans(file, fd, seen)
-        io_read.check_spans(spans, threads=threads, batch=batch)
+        io_read.check_spans(spans, **options)
     finally:
         os.close(fd)
     assert seen.keys() == {s.name for s in spans}
@@ -137,15 +142,7 @@ def test_a_file_that_cannot_be_mapped_is_read(
     monkeypatch.setattr(io_read.mmap, "mmap", refuse)
     file = tmp_path / "model.safetensors"
     tk.save(_model(0), file)
-    raw = file.read_bytes()
-    seen: dict[str, bytes] = {}
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        spans = _spans(file, fd, seen)
-        io_read.check_spans(spans, threads=2)
-    finally:
-        os.close(fd)
-    assert all(seen[s.name] == raw[s.offset : s.offset + s.nbytes] for s in spans)
+    _check_every_span(file, threads=2)
     _flip(file, "norm.weight")
     with pytest.raises(ChecksumError, match=r"norm\.weight"):
         tk.load(_model(1), file, verify=True)
