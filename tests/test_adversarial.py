@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from adversarial.corpus import CASES, CLI_VERBS, STRICT_VERBS, Case, build_corpus
+from adversarial.corpus import CASES, CLI_VERBS, STRICT_VERBS, VARIANTS, Case, build_corpus
 from adversarial.runner import run_jobs
 
 pytestmark = pytest.mark.slow  # every test reads one session-wide run of worker processes
@@ -102,7 +102,8 @@ def _assert_expected(case: Case, verb: str, record: dict[str, Any], strict: bool
 def test_library_verb(outcomes: dict[str, Any], corpus: Any, case: Case, verb: str) -> None:
     record = outcomes[_key(case, verb)]
     _common(record)
-    strict = verb in STRICT_VERBS or verb in dict(case.overrides)
+    base = VARIANTS.get(verb, verb)
+    strict = base in STRICT_VERBS or base in dict(case.overrides)
     _assert_expected(case, verb, record, strict=strict)
     if case.check == "no_size_leak" and record["outcome"] == "error":
         for name, size in corpus.sizes.items():

@@ -50,6 +50,15 @@ LIB_VERBS = (
     "safe_pickle_load",
 )
 CLI_VERBS = ("inspect", "diff", "convert", "verify", "scan")
+# The same verbs down other paths, expected to answer as their base verb does: a verified load
+# (checksums hashed from the page cache), a convert into a torch zip (torch's writer fed one
+# record at a time), a checkpoint read straight into a model's tensors.
+VARIANTS = {
+    "load_verify": "load",
+    "convert_pt": "convert",
+    "load_checkpoint_into": "load_checkpoint",
+    "manager_restore_into": "manager_restore",
+}
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,7 @@ class Case:
         return self.marker or self.id
 
     def expectation(self, verb: str) -> Expect:
-        return dict(self.overrides).get(verb, self.expect)
+        return dict(self.overrides).get(VARIANTS.get(verb, verb), self.expect)
 
     def verbs(self) -> tuple[str, ...]:
         if self.only:
@@ -96,6 +105,7 @@ class Case:
         verbs = [v for v in LIB_VERBS if v != "safe_pickle_load" or self.layout == "pickle"]
         if self.layout != "manager":
             verbs.remove("manager_restore")
+        verbs += [v for v, base in VARIANTS.items() if base in verbs]
         return tuple(verbs)
 
 
