@@ -313,7 +313,8 @@ def check_spans(
     cannot be mapped, the bytes are read through a bounded scratch buffer instead.
 
     Every file is checked to be long enough for its spans before any is mapped (a mapped page
-    past the end of a file is a fault, not an error).
+    past the end of a file is a fault, not an error). A file that another process shortens
+    while it is mapped here raises SIGBUS, as it would in any reader that maps files.
 
     Raises:
         CorruptFileError: a file ended before a span's last byte.
