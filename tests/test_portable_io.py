@@ -27,6 +27,8 @@ def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
     monkeypatch.setenv("TORCHKEEP_IO_THREADS", "4")
     monkeypatch.setattr(io_read, "SEQUENTIAL_BELOW", 0)
     monkeypatch.setattr(io_write, "SEQUENTIAL_BELOW", 0)
+    # Tensors read in many os.pread pieces, one ending mid-tensor.
+    monkeypatch.setattr(positional, "PREAD_PIECE", 1000)
     yield request.param
 
 

@@ -75,6 +75,10 @@ def _lock(fd: int) -> threading.Lock:
         return found
 
 
+PREAD_PIECE = 4 << 20
+"""Most bytes one ``os.pread`` returns in the ``positional`` mode."""
+
+
 def readv(fd: int, views: Sequence[memoryview], offset: int) -> int:
     """Read into ``views`` back to back from ``offset``; return the bytes read (may be short)."""
     if MODE == "vectored":
@@ -82,9 +86,15 @@ def readv(fd: int, views: Sequence[memoryview], offset: int) -> int:
     done = 0
     for view in views:
         if MODE == "positional":
-            data = os.pread(fd, view.nbytes, offset + done)
-            view[: len(data)] = data
-            got = len(data)
+            # os.pread returns new bytes: in pieces small enough for the allocator to reuse
+            # the same memory, rather than map (and fault in) fresh pages for every call.
+            got = 0
+            while got < view.nbytes:
+                data = os.pread(fd, min(PREAD_PIECE, view.nbytes - got), offset + done + got)
+                view[got : got + len(data)] = data
+                got += len(data)
+                if not data:
+                    break
         else:
             with _lock(fd):
                 os.lseek(fd, offset + done, os.SEEK_SET)
