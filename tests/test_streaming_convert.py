@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import assert_convert_streams, write_big_state
 
 import torchkeep as tk
 from torchkeep._tensors import byte_view
@@ -187,18 +186,6 @@ def test_a_failed_streamed_write_leaves_nothing(
         tk.convert(sources["pt"], dest, durable=False)
     assert dest.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt", "in.safetensors", "out.pt"]
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
-def test_converting_a_torch_zip_to_a_torch_zip_streams(tmp_path: Path) -> None:
-    source = tmp_path / "big.pt"
-    write_big_state(torch.save, source)
-    assert_convert_streams(source, tmp_path, ["inspect", str(source)])
-    expected = torch.load(source, weights_only=True)
-    got = torch.load(tmp_path / "o.pt", weights_only=True)
-    assert list(got) == list(expected)
-    assert all(torch.equal(got[name], tensor) for name, tensor in expected.items())
 
 
 # Chunked copies: safetensors and sharded outputs copy each tensor whose bytes are one stretch

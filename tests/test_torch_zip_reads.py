@@ -419,3 +419,7 @@ def test_converting_a_torch_zip_holds_about_one_tensor_at_a_time(tmp_path: Path)
     expected = torch.load(source, weights_only=True)
     got = tk.load_state_dict(tmp_path / "o.safetensors", verify=True)
     assert all(torch.equal(expected[n], got[n]) for n in expected)
+    # The torch zip output, written by torch's serializer one record at a time.
+    zipped = torch.load(tmp_path / "o.pt", weights_only=True)
+    assert list(zipped) == list(expected)
+    assert all(torch.equal(zipped[name], tensor) for name, tensor in expected.items())
