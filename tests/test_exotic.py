@@ -16,6 +16,7 @@ import json
 import struct
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -836,3 +837,49 @@ def test_per_tensor_quantizer_parameters_are_checked(
     torch.save({"q": _BadPerTensor(0.5, 7)}, path)
     good = tk.load_state_dict(path)["q"]
     assert good.q_zero_point() == 7 and good.q_scale() == 0.5
+
+
+def test_dtypes_without_a_typed_storage_load_without_warnings(tmp_path: Path) -> None:
+    """bits16, float8 and uint16 are pickled through _rebuild_tensor_v3 on a typed storage:
+    reading them must not touch torch's deprecated TypedStorage API (its warning, made an
+    error by -W error, would fail the load)."""
+    state = {
+        "a": torch.arange(4, dtype=torch.float32),
+        "bits": torch.arange(3, dtype=torch.int16).view(torch.bits16),
+        "f8": torch.ones(2).to(torch.float8_e4m3fn),
+        "u16": torch.arange(5, dtype=torch.int32).to(torch.uint16),
+    }
+    path = tmp_path / "exotic.pt"
+    torch.save(state, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = tk.load_state_dict(path)
+    expected = torch.load(path, weights_only=True)
+    assert list(got) == list(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype
+        assert torch.equal(got[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+def test_a_tensor_torch_cannot_build_here_is_not_called_damage(tmp_path: Path) -> None:
+    """Under torch.use_deterministic_algorithms(True) torch fills every new tensor, which it
+    cannot do for bits16: torch.load fails, and so does the load, saying why and what to do,
+    not that the file is damaged. With the fill turned off, both load it."""
+    path = tmp_path / "bits.pt"
+    torch.save({"bits": torch.arange(3, dtype=torch.int16).view(torch.bits16)}, path)
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(NotImplementedError):
+            torch.load(path, weights_only=True)
+        with pytest.raises(tk.UnsupportedTensorError, match="cannot build") as caught:
+            tk.load_state_dict(path)
+        assert not isinstance(caught.value, tk.CorruptFileError)
+        assert "fill_uninitialized_memory = False" in str(caught.value)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+        got = tk.load_state_dict(path)
+        expected = torch.load(path, weights_only=True)
+        assert torch.equal(got["bits"].view(torch.int16), expected["bits"].view(torch.int16))
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
+        torch.use_deterministic_algorithms(False)

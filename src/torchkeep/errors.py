@@ -61,9 +61,10 @@ class EntryNotFoundError(TorchkeepError, KeyError):
 
 
 class UnsupportedTensorError(TorchkeepError, TypeError):
-    """A tensor of a kind (layout, dtype, quantization) the chosen format cannot hold.
+    """A tensor of a kind (layout, dtype, quantization) the chosen format cannot hold, or
+    that this torch cannot build here.
 
-    The message names the formats that can hold it.
+    The message names the formats that can hold it, or what to change.
     """
 
 

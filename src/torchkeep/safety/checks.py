@@ -198,7 +198,7 @@ def rebuild_tensor_v3(rules: SafeRules, args: tuple[Any, ...]) -> torch.Tensor:
     dtype = args[6]
     if not isinstance(dtype, torch.dtype) or dtype in QUANTIZED_DTYPES or dtype.itemsize < 1:
         raise Refusal(f"a tensor's dtype is {dtype!r}")
-    available = storage.nbytes() // dtype.itemsize  # type: ignore[no-untyped-call]
+    available = storage._nbytes() // dtype.itemsize  # type: ignore[no-untyped-call]
     check_view(storage, args[1], args[2], args[3], available)
     metadata = args[7] if len(args) == 8 else None
     _flags(args[4], args[5], metadata)

@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import codecs
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from torchkeep.errors import CorruptFileError, TorchkeepError, UnsafeFileError
+from torchkeep.errors import (
+    CorruptFileError,
+    TorchkeepError,
+    UnsafeFileError,
+    UnsupportedTensorError,
+)
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,21 @@ class Machine:
             f"{self.label!r} holds a damaged pickle: {reason} (at byte {self.pos})"
         )
 
+    def unbuildable(self, exc: NotImplementedError) -> UnsupportedTensorError:
+        torch = sys.modules.get("torch")
+        hint = ""
+        if torch is not None and torch.are_deterministic_algorithms_enabled():
+            hint = (
+                "; torch.use_deterministic_algorithms(True) makes torch fill every new tensor, "
+                "which it cannot do for every dtype: load with it off, or set "
+                "torch.utils.deterministic.fill_uninitialized_memory = False while loading"
+            )
+        return UnsupportedTensorError(
+            f"{self.label!r} holds a tensor this torch cannot build here: "
+            f"NotImplementedError: {exc} (at byte {self.pos}; torch.load fails the same "
+            f"way){hint}"
+        )
+
     def unsafe(self, reason: str) -> UnsafeFileError:
         return UnsafeFileError(
             f"refusing {self.label!r}: its pickle {reason} (at byte {self.pos}); nothing was "
@@ -230,6 +251,9 @@ class Machine:
             if exc.corrupt:
                 raise self.corrupt(str(exc)) from None
             raise self.unsafe(str(exc)) from None
+        except NotImplementedError as exc:
+            # torch itself cannot build a tensor the file describes, here: not damage.
+            raise self.unbuildable(exc) from exc
         except _DATA_ERRORS as exc:
             if isinstance(exc, TorchkeepError):
                 raise
