@@ -21,6 +21,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import xxhash
 
@@ -275,31 +276,15 @@ def _read_parallel(
         for run in _runs([p for e in ordered for p in _pieces(e)]):
             _read_run(run, counted, started)
         return
-    errors: list[BaseException] = []
-    failed = threading.Event()
 
-    def work(stretch: list[ReadExtent]) -> None:
-        try:
-            for run in _runs([p for e in stretch for p in _pieces(e)]):
-                if failed.is_set():
-                    return
-                _read_run(run, counted, started)
-        except BaseException as exc:
-            errors.append(exc)
-            failed.set()
+    def work(stretch: list[ReadExtent], failed: threading.Event) -> None:
+        for run in _runs([p for e in stretch for p in _pieces(e)]):
+            if failed.is_set():
+                return  # another thread failed: the read is abandoned
+            _read_run(run, counted, started)
 
     stretches = _split(ordered, count)
-    helpers = [
-        threading.Thread(target=work, args=(s,), name=f"torchkeep-read-{i}", daemon=True)
-        for i, s in enumerate(stretches[1:])
-    ]
-    for helper in helpers:
-        helper.start()
-    work(stretches[0])
-    for helper in helpers:
-        helper.join()
-    if errors:
-        raise errors[0]
+    _in_parallel(stretches, work, len(stretches), "read")
 
 
 def check_spans(
@@ -334,7 +319,7 @@ def check_spans(
     for span in ordered:
         if not span.nbytes:
             span.landed(memoryview(b""))
-    _in_parallel(windows, functools.partial(_check_window, batch=batch), threads)
+    _in_parallel(windows, functools.partial(_check_window, batch=batch), threads, "check")
 
 
 def _windows(spans: list[Span], batch: int) -> list[list[Span]]:
@@ -349,7 +334,7 @@ def _windows(spans: list[Span], batch: int) -> list[list[Span]]:
     return windows
 
 
-def _check_window(window: list[Span], batch: int) -> None:
+def _check_window(window: list[Span], failed: threading.Event, batch: int) -> None:
     start = window[0].offset - window[0].offset % mmap.ALLOCATIONGRANULARITY
     end = max(span.offset + span.nbytes for span in window)
     try:
@@ -363,38 +348,52 @@ def _check_window(window: list[Span], batch: int) -> None:
             mapping.madvise(mmap.MADV_WILLNEED)  # start reading ahead on a cold cache
         with memoryview(mapping) as whole:
             for span in window:
+                if failed.is_set():
+                    return  # another window failed: the check is abandoned
                 with whole[span.offset - start : span.offset - start + span.nbytes] as part:
                     span.landed(part)
     finally:
         mapping.close()
 
 
+_Item = TypeVar("_Item")
+
+
 def _in_parallel(
-    items: list[list[Span]], work: Callable[[list[Span]], None], threads: int | None
+    items: Sequence[_Item],
+    work: Callable[[_Item, threading.Event], None],
+    threads: int | None,
+    name: str,
 ) -> None:
-    """Run ``work`` on every item, spread over threads; the first error is raised."""
+    """Run ``work`` on every item, spread over threads that each take the next item.
+
+    ``work`` is also handed an event set once any item failed, to stop early; the first
+    error is raised.
+    """
+    failed = threading.Event()
     count = min(io_threads(threads), len(items))
     if count <= 1:
         for item in items:
-            work(item)
+            work(item, failed)
         return
     pending = iter(items)
     lock = threading.Lock()
     errors: list[BaseException] = []
 
     def loop() -> None:
-        while not errors:
+        while not failed.is_set():
             with lock:
                 item = next(pending, None)
             if item is None:
                 return
             try:
-                work(item)
+                work(item, failed)
             except BaseException as exc:
                 errors.append(exc)
+                failed.set()
 
     helpers = [
-        threading.Thread(target=loop, name=f"torchkeep-check-{i}", daemon=True)
+        threading.Thread(target=loop, name=f"torchkeep-{name}-{i}", daemon=True)
         for i in range(count - 1)
     ]
     for helper in helpers:
