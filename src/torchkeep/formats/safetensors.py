@@ -128,18 +128,22 @@ class SafetensorsSource(Source):
         view = byte_view(dest.data)
         return ReadExtent(self._fd, self._data_start + spec.begin, view, self.path, stored, landed)
 
+    def _place(self, name: str) -> tuple[str, int, int]:
+        """The stored tensor behind ``name`` (an alias: the tensor it names), and where its
+        bytes lie in the file: offset and length."""
+        stored, spec = self._stored(name)
+        return stored, self._data_start + spec.begin, spec.end - spec.begin
+
     def span(self, name: str, landed: Landed) -> Span:
         """``name``'s bytes, to be read only for ``landed`` (see :func:`check_spans`)."""
-        stored, spec = self._stored(name)
-        offset = self._data_start + spec.begin
-        return Span(self._fd, offset, spec.end - spec.begin, self.path, stored, landed)
+        stored, offset, nbytes = self._place(name)
+        return Span(self._fd, offset, nbytes, self.path, stored, landed)
 
     def stretch(self, entry: str, name: str) -> Stretch:
         """Where ``name``'s bytes lie in the file: every stored tensor is one stretch of it
         (an alias, the stretch of the tensor it names)."""
-        stored, spec = self._stored(name)
-        offset = self._data_start + spec.begin
-        return Stretch(self._fd, offset, spec.end - spec.begin, self._dtypes[stored], self.path)
+        stored, offset, nbytes = self._place(name)
+        return Stretch(self._fd, offset, nbytes, self._dtypes[stored], self.path)
 
     def _checker(self, stored: str) -> Landed | None:
         """A hook that checks ``stored``'s bytes against its recorded xxh3 (None: none kept)."""
