@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.serialization as _serialization
 
+from torchkeep._facts import numel
 from torchkeep._tensors import FLOAT4
 from torchkeep.errors import InvalidArgumentError
 from torchkeep.formats.torch_pickle import fresh_bytes
@@ -40,10 +41,7 @@ def can_stream(dtypes: Sequence[torch.dtype]) -> bool:
 
 
 def _placeholder(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return fresh_bytes(count * dtype.itemsize).view(dtype).view(shape)
+    return fresh_bytes(numel(shape) * dtype.itemsize).view(dtype).view(shape)
 
 
 class _Filling:

@@ -38,6 +38,7 @@ import torch
 import xxhash
 
 from torchkeep._common import group_by_size, parse_size
+from torchkeep._facts import numel
 from torchkeep._progress import ProgressOption, reporter
 from torchkeep._tensors import (
     FLOAT4,
@@ -124,10 +125,7 @@ class _Planned:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * self.dtype.itemsize
+        return numel(self.shape) * self.dtype.itemsize
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -431,10 +429,7 @@ class _Writer:
             and info.layout == "strided"
             and dtype != FLOAT4
         ):
-            count = 1
-            for dim in info.shape:
-                count *= dim
-            out = fresh_bytes(count * dtype.itemsize).view(dtype).view(info.shape)
+            out = fresh_bytes(numel(info.shape) * dtype.itemsize).view(dtype).view(info.shape)
             self.reader.read_into(self.entry, spec.old, out)
             return out
         return self.reader.get(self.entry, spec.old)
@@ -453,9 +448,7 @@ class _Writer:
         """``name``'s output bytes, read from ``stretch`` a chunk at a time and cast chunk by
         chunk; each view is valid until the next one is asked for."""
         spec = self.plan[name]
-        count = 1
-        for dim in spec.shape:
-            count *= dim
+        count = numel(spec.shape)
         if stretch.nbytes != count * stretch.dtype.itemsize:
             raise CorruptFileError(
                 f"tensor {spec.old!r} in {self.reader.path!r} holds {stretch.nbytes} bytes, but "

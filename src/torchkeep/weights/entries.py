@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torchkeep._common import BOOKKEEPING
-from torchkeep._facts import TensorInfo
+from torchkeep._facts import TensorInfo, numel
 from torchkeep.errors import CorruptFileError, EntryNotFoundError
 
 if TYPE_CHECKING:
@@ -113,18 +113,11 @@ def rank(path: str, infos: Mapping[str, TensorInfo], *, pure_root: bool) -> int:
     weighty = [
         name
         for name, info in infos.items()
-        if _numel(info) > 1 and (path or name.lower() not in NOT_WEIGHTS)
+        if numel(info.shape) > 1 and (path or name.lower() not in NOT_WEIGHTS)
     ]
     if not weighty:
         return 0
     return 1 if path == "" else 2
-
-
-def _numel(info: TensorInfo) -> int:
-    count = 1
-    for dim in info.shape:
-        count *= dim
-    return count
 
 
 def _convention(path: str) -> int:

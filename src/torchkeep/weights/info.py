@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from torchkeep._facts import ModuleEntry, TensorInfo
+from torchkeep._facts import ModuleEntry, TensorInfo, numel
 from torchkeep.formats.safetensors_header import (
     is_safetensors_file,
     read_file_header,
@@ -74,13 +74,7 @@ class CheckpointInfo(Rendered):
     @property
     def num_params(self) -> int:
         """Elements over all tensors of ``entry``."""
-        total = 0
-        for info in self.tensors:
-            count = 1
-            for dim in info.shape:
-                count *= dim
-            total += count
-        return total
+        return sum(numel(info.shape) for info in self.tensors)
 
     @property
     def nbytes(self) -> int:
