@@ -46,13 +46,11 @@ import torch
 from torchkeep._common import parse_size
 from torchkeep._tensors import is_plain
 from torchkeep.errors import CheckpointWriteError
-from torchkeep.formats._base import WriteRequest
-from torchkeep.formats.safetensors import file_plan
 from torchkeep.io.recycle import RecycleBin
 from torchkeep.io.write import FilePlan, Slot, write_files
 from torchkeep.storage.local import temp_sibling
 from torchkeep.training.checkpoint import Snapshot, commit_folder, seal, tensor_record, write_error
-from torchkeep.training.shards import plan_shards, shard_name
+from torchkeep.training.shards import plan_shards, shard_name, shard_plan
 
 NICE = 10
 """The niceness of background writers (the forked child, the manager's background thread):
@@ -129,10 +127,7 @@ def plan(
     planned_shards = plan_shards(snapshot.tensors, max_bytes, snapshot.frozen)
     for number, (tensors, _) in enumerate(planned_shards):
         file = shard_name(number)
-        planned = file_plan(WriteRequest(tensors), folder / file)
-        if recycle is not None and recycle.take(planned.size, planned.path):
-            planned.reuse = True
-        orders.append(_order(planned, tensors))
+        orders.append(_order(shard_plan(folder / file, tensors, recycle), tensors))
         shards.append(_Shard(file, {name: tensor_record(file, t) for name, t in tensors.items()}))
     return shards, orders
 

@@ -141,6 +141,20 @@ def _link(source: Path, expected: int, target: Path) -> bool:
     return False  # moved, changed, or a filesystem without hard links: write it instead
 
 
+def shard_plan(
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    recycle: RecycleBin | None,
+    known: Mapping[str, str] | None = None,
+) -> FilePlan:
+    """The plan of one shard file at ``path``, overwriting a recycled file of its size when
+    ``recycle`` holds one (``known``: checksums already computed)."""
+    plan = file_plan(WriteRequest(tensors), path, known=known)
+    if recycle is not None and recycle.take(plan.size, plan.path):
+        plan.reuse = True
+    return plan
+
+
 def write_shards(
     folder: Path,
     tensors: Mapping[str, torch.Tensor],
@@ -185,9 +199,8 @@ def write_shards(
                 done.linked += size
                 done.sizes[name] = size
                 continue
-        plan = file_plan(request, folder / name, known=known)
-        if recycle is not None and recycle.take(plan.size, plan.path):
-            plan.reuse = True
+        plan = shard_plan(folder / name, shard, recycle, known)
+        if plan.reuse:
             done.recycled += plan.size
         plans.append(plan)
         done.written += plan.size
